@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make bench   the main job: single- vs multi-device speed on this machine
+#   make test    the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SIMULATED ?= 4
+
+.PHONY: bench test lint install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,zoo]"
+	touch $@
+
+bench: install
+	KERASMGPU_SIMULATED_DEVICES=$${KERASMGPU_SIMULATED_DEVICES:-2} $(BIN)/kerasmgpu bench $(BENCH_ARGS)
+
+test: install
+	KERASMGPU_SIMULATED_DEVICES=$(SIMULATED) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check kerasmgpu zoo tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

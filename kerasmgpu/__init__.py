@@ -1,0 +1,25 @@
+"""kerasmgpu: `multi_gpu_model` for Keras 3 on TensorFlow.
+
+Public API:
+    multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False)
+    ParallelModel(template, devices=None, cpu_merge=True)
+    simulate_devices(n)
+    visible_devices()
+    slice_sizes(batch_size, num_replicas)
+"""
+
+from kerasmgpu.devices import simulate_devices, simulate_devices_from_env, visible_devices
+from kerasmgpu.parallel import ParallelModel, multi_gpu_model
+from kerasmgpu.slicing import slice_sizes
+
+__version__ = "0.1.0"
+
+simulate_devices_from_env()
+
+__all__ = [
+    "ParallelModel",
+    "multi_gpu_model",
+    "simulate_devices",
+    "slice_sizes",
+    "visible_devices",
+]

@@ -1,0 +1,177 @@
+"""Finding the devices replicas run on, and simulating them on a CPU-only machine.
+
+On a machine with GPUs, `gpus=` means GPUs. On a machine without any, the CPU can be
+split into several *logical* CPU devices (`simulate_devices`); `gpus=k` then maps onto
+those, so the multi-device code paths (slicing, per-device towers, merging) run and can
+be tested anywhere.
+"""
+
+import os
+import warnings
+
+import tensorflow as tf
+
+ENV_SIMULATED_DEVICES = "KERASMGPU_SIMULATED_DEVICES"
+
+
+def _accelerator_type():
+    """"GPU" when the machine has GPUs, else "CPU"."""
+    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+
+def simulate_devices(n):
+    """Split the CPU into `n` logical devices when the machine has no GPU.
+
+    Call this first thing, before TensorFlow creates any tensor or model: TensorFlow
+    fixes its devices on first use. Setting the environment variable
+    `KERASMGPU_SIMULATED_DEVICES=n` before starting Python does the same on
+    `import kerasmgpu`.
+
+    Args:
+        n: number of logical CPU devices, at least 1.
+
+    Returns:
+        The names of the devices replicas can use: the `n` logical CPUs, or the GPUs
+        when the machine has GPUs (then nothing is simulated).
+
+    Example:
+
+    ```python
+    import kerasmgpu
+    kerasmgpu.simulate_devices(4)
+    parallel = kerasmgpu.multi_gpu_model(model, gpus=4)
+    ```
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"simulate_devices expects a whole number n >= 1. Received: n={n!r}")
+    if _accelerator_type() == "GPU":
+        return visible_devices()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    config = [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+    try:
+        tf.config.set_logical_device_configuration(cpu, config)
+    except RuntimeError:
+        # TensorFlow already fixed its devices. Asking again for what it already has is fine.
+        current = tf.config.list_logical_devices("CPU")
+        if len(current) != n:
+            raise RuntimeError(
+                f"simulate_devices({n}) was called after TensorFlow initialised its devices "
+                f"(it now has {len(current)} logical CPU device(s)). Call "
+                "kerasmgpu.simulate_devices() before creating any tensor, layer or model, or "
+                f"set {ENV_SIMULATED_DEVICES}={n} in the environment before starting Python."
+            ) from None
+    return visible_devices()
+
+
+def simulate_devices_from_env():
+    """Apply `KERASMGPU_SIMULATED_DEVICES` if it is set (called on `import kerasmgpu`)."""
+    value = os.environ.get(ENV_SIMULATED_DEVICES)
+    if not value:
+        return
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(
+            f"{ENV_SIMULATED_DEVICES} must be a whole number >= 1. Received: {value!r}"
+        ) from None
+    try:
+        simulate_devices(n)
+    except RuntimeError as error:
+        warnings.warn(str(error), RuntimeWarning, stacklevel=3)
+
+
+def visible_devices():
+    """Names of the devices replicas can run on: the GPUs, or else the logical CPUs."""
+    return [device.name for device in tf.config.list_logical_devices(_accelerator_type())]
+
+
+def host_device():
+    """The CPU device that merges outputs when `cpu_merge=True`."""
+    return tf.config.list_logical_devices("CPU")[0].name
+
+
+def canonical_device(name):
+    """A device name in TensorFlow's full form, e.g. "/job:localhost/replica:0/task:0/device:CPU:1"."""
+    spec = tf.DeviceSpec.from_string(name)
+    full = tf.DeviceSpec(job="localhost", replica=0, task=0)
+    return full.make_merged_spec(spec).to_string()
+
+
+def _same_device(a, b):
+    spec_a, spec_b = tf.DeviceSpec.from_string(a), tf.DeviceSpec.from_string(b)
+    return (spec_a.device_type or "").upper() == (spec_b.device_type or "").upper() and (
+        spec_a.device_index or 0
+    ) == (spec_b.device_index or 0)
+
+
+def resolve_devices(gpus, minimum=2):
+    """Turn a `gpus=` argument into a list of device names.
+
+    Args:
+        gpus: `None` (all visible devices), an int (that many devices, from the first),
+            a list of device ids (ints) or a list of device names ("/gpu:1", "CPU:0", ...).
+        minimum: the smallest number of devices accepted.
+
+    Returns:
+        A list of device names, in replica order.
+    """
+    visible = visible_devices()
+    kind = _accelerator_type()
+    shown = ", ".join(visible) or "none"
+    if gpus is None:
+        if len(visible) < minimum:
+            raise ValueError(
+                f"gpus=None uses all visible devices, but only {len(visible)} are visible "
+                f"({shown}); at least {minimum} are needed. On a machine without GPUs, call "
+                "kerasmgpu.simulate_devices(n) first."
+            )
+        return list(visible)
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, list, tuple)):
+        raise ValueError(
+            f"gpus must be an int >= {minimum}, a list of device ids or device names, or None. "
+            f"Received: gpus={gpus!r}"
+        )
+    if isinstance(gpus, int):
+        if gpus < minimum:
+            raise ValueError(
+                f"gpus must be at least {minimum}, or a list of at least {minimum} device ids. "
+                f"Received: gpus={gpus}"
+            )
+        if gpus > len(visible):
+            raise ValueError(
+                f"gpus={gpus} asks for more devices than are visible: {len(visible)} "
+                f"({shown}). On a machine without GPUs, call kerasmgpu.simulate_devices({gpus}) "
+                "before building any model."
+            )
+        return list(visible[:gpus])
+    if len(gpus) < minimum:
+        raise ValueError(
+            f"gpus must list at least {minimum} devices. Received: gpus={list(gpus)}"
+        )
+    devices = []
+    for entry in gpus:
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            name = f"/device:{kind}:{entry}"
+        elif isinstance(entry, str):
+            name = entry if entry.startswith("/") else "/device:" + entry
+        else:
+            raise ValueError(
+                "Each entry of gpus must be a device id (int) or a device name (str). "
+                f"Received: {entry!r} in gpus={list(gpus)}"
+            )
+        match = next((v for v in visible if _same_device(v, name)), None)
+        if match is None:
+            cpu_match = next(
+                (d.name for d in tf.config.list_logical_devices("CPU") if _same_device(d.name, name)),
+                None,
+            )
+            if cpu_match is None:
+                raise ValueError(
+                    f"Device {entry!r} in gpus={list(gpus)} is not visible. "
+                    f"Visible devices: {shown}."
+                )
+            match = cpu_match
+        if match in devices:
+            raise ValueError(f"Device {entry!r} appears twice in gpus={list(gpus)}.")
+        devices.append(match)
+    return devices

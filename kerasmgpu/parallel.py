@@ -1,0 +1,569 @@
+"""`ParallelModel` and `multi_gpu_model`: data parallelism on one machine.
+
+One training step with N devices and a batch of B samples:
+
+1. The batch (inputs, targets, sample weights) is cut into k = min(N, B) contiguous
+   slices on the host; replica i gets slice i.
+2. Replica i runs the template's forward pass on device i with a gradient tape of its
+   own (`stateless_call`, so BatchNormalization statistics and RNG seeds are returned
+   rather than written).
+3. The replicas' outputs are concatenated on the merge device (the CPU when
+   `cpu_merge=True`), and the compiled loss is computed *once* on the merged batch,
+   exactly as Keras computes it on one device: any loss, reduction, sample or class
+   weight, loss weight or mask. Its gradient with respect to each replica's outputs is
+   tiny (the size of the outputs).
+4. Each replica back-propagates its share of that gradient through its own tape, on
+   its own device. Activity-regularization losses are back-propagated by the replica
+   that produced them; weight-regularization losses are counted once.
+5. Gradients are summed on the device that holds each variable and applied once.
+   Non-trainable float state (BatchNormalization moving statistics) is set once to the
+   replicas' updates averaged with weights slice_size / B; integer state (RNG seeds)
+   takes replica 0's update, and replica i draws from a seed offset by i so replicas
+   never share a dropout mask.
+6. Compiled metrics are updated once, on the merged outputs.
+
+Since the loss of the merged batch is the single-device loss and the chain rule splits
+its gradient exactly over the slices, training equals single-device training up to
+float rounding (BatchNormalization aside: each replica normalises with the statistics
+of its own slice, as it did with the Keras 2 wrapper).
+"""
+
+import warnings
+
+import keras
+import tensorflow as tf
+from keras import tree
+
+from kerasmgpu import devices as devices_lib
+from kerasmgpu import slicing
+
+
+class ParallelModel(keras.Model):
+    """A Keras model that runs its template on several devices at once.
+
+    `ParallelModel` is a `keras.Model`: compile, fit, evaluate, predict and the
+    `*_on_batch` methods work as usual, on any number of devices N >= 1 (N = 1 runs the
+    same code path on one device, which makes 1-vs-N comparisons fair). The variables
+    are the template's own: training the parallel model trains `template`, and `save`,
+    `save_weights`, `load_weights` and `keras.callbacks.ModelCheckpoint` read and write
+    the template, so saved files load with plain Keras.
+
+    Args:
+        template: a built `keras.Model` (Sequential, functional or subclassed).
+        devices: device names or ids (see `multi_gpu_model`'s `gpus`), or None for all
+            visible devices.
+        cpu_merge: merge outputs and compute the loss on the CPU (True) or on the first
+            device (False).
+        name: the model's name; default "<template name>_parallel".
+
+    Example:
+
+    ```python
+    parallel = kerasmgpu.ParallelModel(model, devices=["/gpu:0", "/gpu:1"])
+    parallel.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    parallel.fit(x, y, batch_size=256)
+    model.predict(x)  # the template has trained
+    ```
+    """
+
+    def __init__(self, template, devices=None, cpu_merge=True, name=None):
+        _check_template(template)
+        if devices is None:
+            resolved = devices_lib.visible_devices()
+        else:
+            resolved = devices_lib.resolve_devices(devices, minimum=1)
+        super().__init__(name=name or f"{template.name}_parallel")
+        self.template = template
+        self._replica_devices = tuple(resolved)
+        self.cpu_merge = bool(cpu_merge)
+        self._step_losses = None
+        if hasattr(template, "output_names"):
+            self.output_names = template.output_names
+        self.built = True
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def devices(self):
+        """The devices replicas run on, in replica order."""
+        return list(self._replica_devices)
+
+    @property
+    def merge_device(self):
+        """Where outputs are concatenated and the loss is computed."""
+        return devices_lib.host_device() if self.cpu_merge else self._replica_devices[0]
+
+    @property
+    def losses(self):
+        # During a step the towers' losses are collected by hand (the template runs
+        # statelessly); `compute_loss` reads them here.
+        if self._step_losses is not None:
+            return list(self._step_losses)
+        return super().losses
+
+    # ---------------------------------------------------------------- compilation
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None,
+                weighted_metrics=None, run_eagerly=False, steps_per_execution=1,
+                jit_compile="auto", auto_scale_loss=True):
+        """Configure training as `keras.Model.compile` does.
+
+        `jit_compile`: XLA compiles a whole step into one program for one device, which
+        would undo the per-device placement. With more than one device, "auto" resolves
+        to False and True is an error. With one device it is passed to Keras unchanged.
+
+        The template is compiled with the same optimizer object, loss and metrics, so
+        that a saved template carries the training configuration and optimizer state.
+        """
+        if len(self._replica_devices) > 1:
+            if jit_compile is True:
+                raise ValueError(
+                    "jit_compile=True is not supported with more than one device: XLA would "
+                    "compile the replicas of all "
+                    f"{len(self._replica_devices)} devices into one program for one device. "
+                    "Use jit_compile=False (or 'auto', which resolves to False here). "
+                    f"Received: jit_compile={jit_compile!r}"
+                )
+            if jit_compile not in ("auto", False, None):
+                raise ValueError(
+                    "jit_compile must be True, False or 'auto'. "
+                    f"Received: jit_compile={jit_compile!r}"
+                )
+            jit_compile = False
+        super().compile(
+            optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
+            weighted_metrics=weighted_metrics, run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution, jit_compile=jit_compile,
+            auto_scale_loss=auto_scale_loss,
+        )
+        self.template.compile(
+            optimizer=self.optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
+            weighted_metrics=weighted_metrics, jit_compile=False,
+        )
+
+    # ----------------------------------------------------------------- the steps
+    def call(self, inputs, training=False):
+        if training:
+            # A stateful forward pass per tower would apply N sequential state updates.
+            warnings.warn(
+                "Calling a ParallelModel with training=True runs the template's stateful "
+                "call on each device; use fit() or train_on_batch() for training steps.",
+                stacklevel=2,
+            )
+        return self._dispatch(inputs, self._predict_towers)
+
+    def compute_output_spec(self, inputs, training=False, mask=None):
+        return self.template.compute_output_spec(inputs)
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._dispatch(x, self._predict_towers)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred, activity_loss = self._dispatch(x, self._test_towers)
+        with tf.device(self.merge_device):
+            loss = self._loss_with(
+                [activity_loss] + self._weight_regularization_losses(),
+                x, y, y_pred, sample_weight, training=False,
+            )
+            self._loss_tracker.update_state(loss, sample_weight=slicing.batch_size_of(x))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.template.trainable_variables
+        gradient_slots = {}
+        state_slots = {}
+
+        def towers(num_replicas, batch_size):
+            loss, y_pred, gradients, state = self._train_towers(
+                num_replicas, batch_size, x, y, sample_weight
+            )
+            # Branches of a switch must return tensors: drop the gradients that are None
+            # and the state nothing changed, and remember which they were.
+            present = tuple(g is not None for g in gradients)
+            changed = tuple(s is not None for s in state)
+            if gradient_slots.setdefault("present", present) != present or (
+                state_slots.setdefault("changed", changed) != changed
+            ):
+                raise RuntimeError(
+                    "The template's gradients or state updates differ between replica "
+                    "counts; it cannot be run by ParallelModel."
+                )
+            return (
+                loss,
+                y_pred,
+                [g for g in gradients if g is not None],
+                [s for s in state if s is not None],
+            )
+
+        loss, y_pred, packed_gradients, packed_state = self._dispatch_batch(x, towers)
+        gradients = _unpack(packed_gradients, gradient_slots["present"])
+        state = _unpack(packed_state, state_slots["changed"])
+
+        if variables:
+            pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+            self.optimizer.apply_gradients(pairs)
+        else:
+            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+        for variable, value in zip(self.template.non_trainable_variables, state):
+            if value is not None:
+                variable.assign(value)
+        self._loss_tracker.update_state(loss, sample_weight=slicing.batch_size_of(x))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    # ------------------------------------------------------------- dispatching
+    def _dispatch(self, x, towers):
+        return self._dispatch_batch(x, lambda k, batch_size: towers(k, batch_size, x))
+
+    def _dispatch_batch(self, x, towers):
+        """Run `towers(k, batch_size)` with k = min(N, B) replicas.
+
+        With a batch size known at trace time, k is fixed. Otherwise (the usual case in
+        `fit`, and the short last batch of an epoch) a switch picks the branch with the
+        right replica count at run time, so no replica ever gets an empty slice.
+        """
+        num_devices = len(self._replica_devices)
+        static = slicing.static_batch_size(x)
+        batch_size = slicing.batch_size_of(x)
+        if static is not None or num_devices == 1:
+            k = num_devices if static is None else min(num_devices, static)
+            return towers(k, batch_size)
+        branches = [
+            (lambda k=k: towers(k, batch_size)) for k in range(1, num_devices + 1)
+        ]
+        index = tf.minimum(batch_size, num_devices) - 1
+        return tf.switch_case(index, branches)
+
+    def _predict_towers(self, num_replicas, batch_size, x):
+        parts = self._split(x, num_replicas, batch_size)
+        outputs = []
+        for i, x_part in enumerate(parts):
+            with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}"):
+                outputs.append(self.template(x_part, training=False))
+        with tf.device(self.merge_device):
+            return slicing.merge_structures(outputs)
+
+    def _test_towers(self, num_replicas, batch_size, x):
+        parts = self._split(x, num_replicas, batch_size)
+        outputs, activity = [], []
+        trainable = self.template.trainable_variables
+        non_trainable = self.template.non_trainable_variables
+        for i, x_part in enumerate(parts):
+            with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}"):
+                y_part, _, losses = self.template.stateless_call(
+                    trainable, non_trainable, x_part, training=False, return_losses=True
+                )
+                outputs.append(y_part)
+                activity.extend(self._activity_losses(losses))
+        with tf.device(self.merge_device):
+            return slicing.merge_structures(outputs), _sum_or_zero(activity)
+
+    def _train_towers(self, num_replicas, batch_size, x, y, sample_weight):
+        trainable = self.template.trainable_variables
+        non_trainable = self.template.non_trainable_variables
+        parts = self._split(x, num_replicas, batch_size)
+
+        # Forward: one tape per replica, on the replica's device.
+        tapes, outputs, activity, states, state_inputs = [], [], [], [], []
+        for i, x_part in enumerate(parts):
+            with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}"):
+                state_inputs.append(_replica_state(non_trainable, i))
+                tape = tf.GradientTape()
+                with tape:
+                    y_part, state, losses = self.template.stateless_call(
+                        trainable,
+                        state_inputs[i],
+                        x_part,
+                        training=True,
+                        return_losses=True,
+                    )
+                tapes.append(tape)
+                outputs.append(y_part)
+                activity.append(self._activity_losses(losses))
+                states.append(state)
+
+        # Loss once, on the merged batch; its gradient with respect to each replica's
+        # outputs (and activity losses) is what the replicas back-propagate.
+        flat_outputs = [
+            [slicing.loss_facing(t) for t in tree.flatten(y_part)] for y_part in outputs
+        ]
+        with tf.device(self.merge_device):
+            with tf.GradientTape() as loss_tape:
+                loss_tape.watch([t for part in flat_outputs for t in part])
+                loss_tape.watch([t for part in activity for t in part])
+                y_pred = slicing.merge_structures(outputs)
+                regularization = self._weight_regularization_losses()
+                loss = self._loss_with(
+                    [t for part in activity for t in part] + regularization,
+                    x, y, y_pred, sample_weight, training=True,
+                )
+                scaled_loss = self.optimizer.scale_loss(loss)
+            sources = (
+                [t for part in flat_outputs for t in part]
+                + [t for part in activity for t in part]
+                + list(trainable)
+            )
+            upstream = loss_tape.gradient(scaled_loss, sources)
+        upstream = iter(upstream)
+        output_grads = [[next(upstream) for _ in part] for part in flat_outputs]
+        activity_grads = [[next(upstream) for _ in part] for part in activity]
+        regularization_grads = list(upstream)
+
+        # Backward: each replica through its own tape, on its own device.
+        replica_grads = []
+        for i, tape in enumerate(tapes):
+            with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}_backward"):
+                targets, seeds = [], []
+                for tensor, grad in zip(
+                    flat_outputs[i] + activity[i], output_grads[i] + activity_grads[i]
+                ):
+                    if grad is not None:
+                        targets.append(tensor)
+                        seeds.append(grad)
+                if targets:
+                    replica_grads.append(
+                        tape.gradient(targets, trainable, output_gradients=seeds)
+                    )
+                else:
+                    replica_grads.append([None] * len(trainable))
+
+        gradients = []
+        for j, variable in enumerate(trainable):
+            parts_j = [grads[j] for grads in replica_grads] + [regularization_grads[j]]
+            with tf.device(variable.value.device):
+                gradients.append(_sum_gradients(parts_j))
+
+        new_state = self._combine_state(non_trainable, state_inputs, states, parts, batch_size)
+        return loss, y_pred, gradients, new_state
+
+    # ------------------------------------------------------------------- helpers
+    def _split(self, x, num_replicas, batch_size):
+        with tf.device(devices_lib.host_device()), tf.name_scope("slice_batch"):
+            if num_replicas == 1:
+                return [x]
+            return slicing.split_structure(x, num_replicas, batch_size)
+
+    def _loss_with(self, extra_losses, x, y, y_pred, sample_weight, training):
+        self._step_losses = extra_losses
+        try:
+            return self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+            )
+        finally:
+            self._step_losses = None
+
+    def _weight_regularization_count(self):
+        return sum(
+            1 for v in self.template.trainable_weights if getattr(v, "regularizer", None)
+        )
+
+    def _activity_losses(self, losses):
+        # `stateless_call` returns the losses added during the call followed by one
+        # weight-regularization loss per regularized trainable weight; the latter are
+        # counted once per step, not once per replica.
+        count = self._weight_regularization_count()
+        return list(losses[: len(losses) - count]) if count else list(losses)
+
+    def _weight_regularization_losses(self):
+        return [
+            v.regularizer(v)
+            for v in self.template.trainable_weights
+            if getattr(v, "regularizer", None)
+        ]
+
+    def _combine_state(self, non_trainable, state_inputs, states, parts, batch_size):
+        """One update per variable: a size-weighted mean (floats) or replica 0's (ints).
+
+        Variables no replica changed get None (nothing to assign).
+        """
+        sizes = [slicing.batch_size_of(part) for part in parts]
+        combined = []
+        for j, variable in enumerate(non_trainable):
+            values = [state[j] for state in states]
+            if all(state[j] is given[j] for state, given in zip(states, state_inputs)):
+                combined.append(None)
+                continue
+            if len(states) == 1 or not variable.dtype.startswith(("float", "bfloat")):
+                combined.append(values[0])
+                continue
+            with tf.device(variable.value.device):
+                total = tf.cast(batch_size, variable.dtype)
+                weighted = [
+                    value * (tf.cast(size, variable.dtype) / total)
+                    for value, size in zip(values, sizes)
+                ]
+                combined.append(tf.add_n(weighted))
+        return combined
+
+    # --------------------------------------------------------- saving (template)
+    def save(self, filepath, overwrite=True, **kwargs):
+        """Save the template (not the wrapper): the file loads with plain Keras."""
+        return self.template.save(filepath, overwrite=overwrite, **kwargs)
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        """Save the template's weights."""
+        return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Load weights saved from the template (or from a ParallelModel) into the template."""
+        return self.template.load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
+    def export(self, filepath, format="tf_saved_model", **kwargs):
+        """Export the template for inference."""
+        return self.template.export(filepath, format=format, **kwargs)
+
+    def get_config(self):
+        raise NotImplementedError(
+            "A ParallelModel is not serialized itself: save() and ModelCheckpoint write its "
+            "template, which loads with keras.saving.load_model(); wrap it again after loading."
+        )
+
+
+# ---------------------------------------------------------------------------------
+# Per-replica state: which tensor each replica starts from.
+
+def _is_seed_state(variable):
+    return "seed_generator_state" in variable.path and not variable.dtype.startswith("float")
+
+
+def _replica_state(non_trainable, replica):
+    """The values replica `replica` starts from: the variables' values, with RNG seeds
+    offset by the replica index so that replicas draw different random numbers."""
+    values = []
+    for variable in non_trainable:
+        value = tf.convert_to_tensor(variable)
+        if replica and _is_seed_state(variable):
+            offset = tf.constant([replica] + [0] * (variable.shape[0] - 1), variable.dtype)
+            value = value + offset
+        values.append(value)
+    return values
+
+
+def _unpack(packed, present):
+    packed = iter(packed)
+    return [next(packed) if flag else None for flag in present]
+
+
+def _sum_or_zero(tensors):
+    tensors = [tf.reduce_sum(tf.cast(t, keras.config.floatx())) for t in tensors]
+    if not tensors:
+        return tf.zeros((), keras.config.floatx())
+    return tf.add_n(tensors)
+
+
+def _sum_gradients(parts):
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if any(isinstance(p, tf.IndexedSlices) for p in parts):
+        if all(isinstance(p, tf.IndexedSlices) for p in parts):
+            return tf.IndexedSlices(
+                tf.concat([p.values for p in parts], axis=0),
+                tf.concat([p.indices for p in parts], axis=0),
+                parts[0].dense_shape,
+            )
+        parts = [tf.convert_to_tensor(p) for p in parts]
+    return tf.add_n(parts)
+
+
+def _check_template(template):
+    if not isinstance(template, keras.Model):
+        raise ValueError(
+            "multi_gpu_model expects a keras.Model (Sequential, functional or subclassed). "
+            f"Received: model={template!r} of type {type(template).__name__}"
+        )
+    if isinstance(template, ParallelModel):
+        raise ValueError(
+            f"The model {template.name!r} is already a ParallelModel; wrap its template "
+            "(model.template) instead."
+        )
+    if not template.built:
+        raise ValueError(
+            f"The model {template.name!r} is not built: its variables do not exist yet. "
+            "Build it first (give it a keras.Input, call model.build(input_shape), or call "
+            "it on a batch) and then wrap it."
+        )
+    try:
+        inputs = tree.flatten(template.inputs) if isinstance(template, keras.Model) else []
+    except (AttributeError, ValueError):
+        inputs = []  # a subclassed model has no symbolic inputs
+    for tensor in inputs:
+        shape = getattr(tensor, "shape", None)
+        if shape is not None and len(shape) and shape[0] is not None:
+            raise ValueError(
+                f"The model {template.name!r} has an input with a fixed batch size "
+                f"(input {getattr(tensor, 'name', '?')!r} has shape {tuple(shape)}), which "
+                "cannot be sliced across devices. Build it with keras.Input(shape=...) "
+                "instead of batch_shape=/batch_size=."
+            )
+    for layer in template._flatten_layers():
+        if getattr(layer, "stateful", False):
+            raise ValueError(
+                f"The model {template.name!r} contains the stateful layer {layer.name!r}, "
+                "which keeps a state per batch position and needs whole batches of a fixed "
+                "size; it cannot be sliced across devices. Use stateful=False."
+            )
+
+
+def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False):
+    """Replicate a model on several devices (the Keras 2 `multi_gpu_model` contract).
+
+    Each batch is cut along axis 0 into one slice per device; every device runs the
+    model's forward *and* backward pass on its slice; outputs are concatenated (on the
+    CPU with `cpu_merge=True`) and gradients summed and applied once to the model's own
+    variables. Training equals training on one device with the whole batch.
+
+    Args:
+        model: a built `keras.Model`: the template. It is not copied: the returned
+            model trains it, and saving the returned model saves it.
+        gpus: an int >= 2 (that many devices), a list of >= 2 device ids or names, or
+            None (all visible devices). Without GPUs, simulated CPU devices count (see
+            `simulate_devices`).
+        cpu_merge: merge the replicas' outputs on the CPU (True) or on the first device.
+        cpu_relocation: move the template's variables to the CPU first (in place: the
+            model you keep is the one that trains), the layout of TensorFlow's
+            multi-GPU tutorial. Useful when the template was built on a GPU.
+
+    Returns:
+        A `kerasmgpu.ParallelModel`.
+
+    Example:
+
+    ```python
+    import numpy as np
+    import keras
+    import kerasmgpu
+
+    kerasmgpu.simulate_devices(2)  # only on a machine without GPUs
+    model = keras.applications.Xception(weights=None, input_shape=(71, 71, 3), classes=10)
+    parallel_model = kerasmgpu.multi_gpu_model(model, gpus=2)
+    parallel_model.compile(loss="categorical_crossentropy", optimizer="rmsprop")
+    x = np.random.random((16, 71, 71, 3))
+    y = np.random.random((16, 10))
+    parallel_model.fit(x, y, epochs=1, batch_size=8)
+    model.save("my_model.keras")  # the template holds the trained weights
+    ```
+    """
+    _check_template(model)
+    devices = devices_lib.resolve_devices(gpus, minimum=2)
+    if cpu_relocation:
+        relocate_variables(model, devices_lib.host_device())
+    return ParallelModel(model, devices, cpu_merge=cpu_merge)
+
+
+def relocate_variables(model, device):
+    """Move every variable of `model` to `device`, in place (values kept)."""
+    for variable in model.variables:
+        current = variable.value
+        if devices_lib.canonical_device(current.device) == devices_lib.canonical_device(device):
+            continue
+        with tf.device(device):
+            moved = tf.Variable(
+                current.read_value(),
+                trainable=current.trainable,
+                name=current.name.split(":")[0],
+            )
+        variable._initialize(moved)
+    return model

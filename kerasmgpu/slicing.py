@@ -1,0 +1,136 @@
+"""Splitting a batch into per-replica slices along axis 0, and merging outputs back.
+
+A batch of B samples goes to k = min(N, B) replicas as contiguous slices whose sizes
+differ by at most one: the first B % k replicas take one sample more (B=10, N=4 gives
+3, 3, 2, 2). Contiguous slices keep sample order, so merging is a concatenation.
+"""
+
+import tensorflow as tf
+from keras import tree
+
+
+def slice_sizes(batch_size, num_replicas):
+    """Sizes of the slices a batch of `batch_size` samples is cut into.
+
+    Args:
+        batch_size: number of samples, >= 1.
+        num_replicas: number of replicas available, >= 1.
+
+    Returns:
+        A list of min(num_replicas, batch_size) positive ints summing to batch_size.
+
+    Example:
+
+    >>> slice_sizes(10, 4)
+    [3, 3, 2, 2]
+    """
+    if batch_size < 1 or num_replicas < 1:
+        raise ValueError(
+            "slice_sizes needs batch_size >= 1 and num_replicas >= 1. "
+            f"Received: batch_size={batch_size}, num_replicas={num_replicas}"
+        )
+    k = min(num_replicas, batch_size)
+    base, extra = divmod(batch_size, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+def batch_size_of(structure):
+    """The batch size of a nested structure as a scalar tensor (axis 0 of its first tensor)."""
+    first = next(t for t in tree.flatten(structure) if t is not None)
+    return tf.shape(first, out_type=tf.int32)[0]
+
+
+def static_batch_size(structure):
+    """The batch size if every tensor's axis 0 is known at trace time, else None."""
+    sizes = {t.shape[0] for t in tree.flatten(structure) if t is not None and len(t.shape)}
+    if len(sizes) == 1:
+        (size,) = sizes
+        return size
+    return None
+
+
+def slice_bounds(batch_size, num_slices):
+    """(start, stop) scalar tensors of each of `num_slices` slices of a batch tensor."""
+    base = batch_size // num_slices
+    extra = batch_size % num_slices
+    bounds = []
+    for i in range(num_slices):
+        start = i * base + tf.minimum(i, extra)
+        stop = start + base + tf.cast(i < extra, batch_size.dtype)
+        bounds.append((start, stop))
+    return bounds
+
+
+def split_structure(structure, num_slices, batch_size=None):
+    """Cut every tensor of a nested structure into `num_slices` contiguous slices.
+
+    `None` leaves stay `None`. The batch must have at least `num_slices` samples.
+
+    Returns:
+        A list of `num_slices` structures shaped like `structure`.
+    """
+    if batch_size is None:
+        batch_size = batch_size_of(structure)
+    bounds = slice_bounds(batch_size, num_slices)
+    return [
+        tree.map_structure(lambda t, a=start, b=stop: None if t is None else t[a:b], structure)
+        for start, stop in bounds
+    ]
+
+
+_ACTIVATION_OPS = {"Softmax": tf.nn.softmax, "Sigmoid": tf.nn.sigmoid}
+
+
+def logits_of(tensor):
+    """The tensor a Keras loss reads for a softmax or sigmoid output, else None.
+
+    Keras computes cross-entropies from the logits of such outputs (for numerical
+    stability); a merged output must offer the merged logits the same way so that the
+    loss of the merged batch is the single-device loss, to the last bit.
+    """
+    logits = getattr(tensor, "_keras_logits", None)
+    if logits is not None:
+        return logits
+    op = getattr(tensor, "op", None)
+    if (
+        op is not None
+        and not isinstance(tensor, tf.__internal__.EagerTensor)
+        and op.type in _ACTIVATION_OPS
+        and len(op.inputs) == 1
+    ):
+        return op.inputs[0]
+    return None
+
+
+def loss_facing(tensor):
+    """What the loss differentiates with respect to: the logits if any, else the tensor."""
+    logits = logits_of(tensor)
+    return tensor if logits is None else logits
+
+
+def _merge_leaf(*parts):
+    if parts[0] is None:
+        return None
+    merged = tf.concat(parts, axis=0)
+    logits = [getattr(p, "_keras_logits", None) for p in parts]
+    if all(t is not None for t in logits):
+        merged._keras_logits = tf.concat(logits, axis=0)
+    elif all(logits_of(p) is not None for p in parts):
+        # A raw softmax/sigmoid op: apply it again on the merged logits so the loss sees
+        # the same op on the whole batch.
+        activation = _ACTIVATION_OPS[parts[0].op.type]
+        merged = activation(tf.concat([logits_of(p) for p in parts], axis=0))
+    masks = [getattr(p, "_keras_mask", None) for p in parts]
+    if all(m is not None for m in masks):
+        merged._keras_mask = tf.concat(masks, axis=0)
+    return merged
+
+
+def merge_structures(structures):
+    """Concatenate like-shaped nested structures along axis 0 (names and nesting kept).
+
+    Keras masks and softmax/sigmoid logits attached to the parts are merged too.
+    """
+    if len(structures) == 1:
+        return structures[0]
+    return tree.map_structure(_merge_leaf, *structures)
