@@ -1,0 +1,26 @@
+"""Shared test helpers: twin models with identical weights, weight comparison."""
+
+import keras
+import numpy as np
+
+
+def twin(model):
+    """A copy of `model` with the same architecture and the same weights."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def max_weight_difference(a, b):
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) if np.size(x) else 0.0
+        for x, y in zip(a.get_weights(), b.get_weights())
+    )
+
+
+def dense_classifier(input_dim=8, classes=3, seed=1, regularizer=None):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((input_dim,), name="features")
+    hidden = keras.layers.Dense(16, activation="relu", kernel_regularizer=regularizer)(inputs)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="probabilities")(hidden)
+    return keras.Model(inputs, outputs)
