@@ -245,7 +245,7 @@ class ParallelModel(keras.Model):
 
     def _test_towers(self, num_replicas, batch_size, x):
         parts = self._split(x, num_replicas, batch_size)
-        outputs, activity = [], []
+        outputs, added_losses = [], []
         trainable = self.template.trainable_variables
         non_trainable = self.template.non_trainable_variables
         for i, x_part in enumerate(parts):
@@ -254,9 +254,13 @@ class ParallelModel(keras.Model):
                     trainable, non_trainable, x_part, training=False, return_losses=True
                 )
                 outputs.append(y_part)
-                activity.extend(self._activity_losses(losses))
+                added_losses.append(self._activity_losses(losses))
         with tf.device(self.merge_device):
-            return slicing.merge_structures(outputs), _sum_or_zero(activity)
+            shares = self._batch_shares(parts, batch_size)
+            weighted = [
+                t * tf.cast(share, t.dtype) for part, share in zip(added_losses, shares) for t in part
+            ]
+            return slicing.merge_structures(outputs), _sum_or_zero(weighted)
 
     def _train_towers(self, num_replicas, batch_size, x, y, sample_weight):
         trainable = self.template.trainable_variables
@@ -288,13 +292,17 @@ class ParallelModel(keras.Model):
             [slicing.loss_facing(t) for t in tree.flatten(y_part)] for y_part in outputs
         ]
         with tf.device(self.merge_device):
+            shares = self._batch_shares(parts, batch_size)
             with tf.GradientTape() as loss_tape:
                 loss_tape.watch([t for part in flat_outputs for t in part])
                 loss_tape.watch([t for part in activity for t in part])
                 y_pred = slicing.merge_structures(outputs)
                 regularization = self._weight_regularization_losses()
+                weighted_activity = [
+                    t * tf.cast(share, t.dtype) for part, share in zip(activity, shares) for t in part
+                ]
                 loss = self._loss_with(
-                    [t for part in activity for t in part] + regularization,
+                    weighted_activity + regularization,
                     x, y, y_pred, sample_weight, training=True,
                 )
                 scaled_loss = self.optimizer.scale_loss(loss)
@@ -333,7 +341,7 @@ class ParallelModel(keras.Model):
             with tf.device(variable.value.device):
                 gradients.append(_sum_gradients(parts_j))
 
-        new_state = self._combine_state(non_trainable, state_inputs, states, parts, batch_size)
+        new_state = self._combine_state(non_trainable, state_inputs, states, shares)
         return loss, y_pred, gradients, new_state
 
     # ------------------------------------------------------------------- helpers
@@ -342,6 +350,14 @@ class ParallelModel(keras.Model):
             if num_replicas == 1:
                 return [x]
             return slicing.split_structure(x, num_replicas, batch_size)
+
+    @staticmethod
+    def _batch_shares(parts, batch_size):
+        """Each slice's share of the batch, b_i / B (float32 scalars)."""
+        if len(parts) == 1:
+            return [tf.constant(1.0)]
+        total = tf.cast(batch_size, tf.float32)
+        return [tf.cast(slicing.batch_size_of(part), tf.float32) / total for part in parts]
 
     def _loss_with(self, extra_losses, x, y, y_pred, sample_weight, training):
         self._step_losses = extra_losses
@@ -360,7 +376,9 @@ class ParallelModel(keras.Model):
     def _activity_losses(self, losses):
         # `stateless_call` returns the losses added during the call followed by one
         # weight-regularization loss per regularized trainable weight; the latter are
-        # counted once per step, not once per replica.
+        # counted once per step, not once per replica. Losses added during the call are
+        # means over the replica's slice (Keras divides activity regularization by the
+        # batch size), so each replica's count with weight b_i / B.
         count = self._weight_regularization_count()
         return list(losses[: len(losses) - count]) if count else list(losses)
 
@@ -371,12 +389,11 @@ class ParallelModel(keras.Model):
             if getattr(v, "regularizer", None)
         ]
 
-    def _combine_state(self, non_trainable, state_inputs, states, parts, batch_size):
+    def _combine_state(self, non_trainable, state_inputs, states, shares):
         """One update per variable: a size-weighted mean (floats) or replica 0's (ints).
 
         Variables no replica changed get None (nothing to assign).
         """
-        sizes = [slicing.batch_size_of(part) for part in parts]
         combined = []
         for j, variable in enumerate(non_trainable):
             values = [state[j] for state in states]
@@ -387,10 +404,8 @@ class ParallelModel(keras.Model):
                 combined.append(values[0])
                 continue
             with tf.device(variable.value.device):
-                total = tf.cast(batch_size, variable.dtype)
                 weighted = [
-                    value * (tf.cast(size, variable.dtype) / total)
-                    for value, size in zip(values, sizes)
+                    value * tf.cast(share, variable.dtype) for value, share in zip(values, shares)
                 ]
                 combined.append(tf.add_n(weighted))
         return combined

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasmgpu import slice_sizes
-from kerasmgpu import slicing
+from kerasmgpu import slice_sizes, slicing
 
 
 @pytest.mark.parametrize(
