@@ -91,7 +91,7 @@ def host_device():
 
 
 def canonical_device(name):
-    """A device name in TensorFlow's full form, e.g. "/job:localhost/replica:0/task:0/device:CPU:1"."""
+    """A device name in full form, e.g. "/job:localhost/replica:0/task:0/device:CPU:1"."""
     spec = tf.DeviceSpec.from_string(name)
     full = tf.DeviceSpec(job="localhost", replica=0, task=0)
     return full.make_merged_spec(spec).to_string()
@@ -161,10 +161,8 @@ def resolve_devices(gpus, minimum=2):
             )
         match = next((v for v in visible if _same_device(v, name)), None)
         if match is None:
-            cpu_match = next(
-                (d.name for d in tf.config.list_logical_devices("CPU") if _same_device(d.name, name)),
-                None,
-            )
+            cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+            cpu_match = next((cpu for cpu in cpus if _same_device(cpu, name)), None)
             if cpu_match is None:
                 raise ValueError(
                     f"Device {entry!r} in gpus={list(gpus)} is not visible. "

@@ -258,7 +258,9 @@ class ParallelModel(keras.Model):
         with tf.device(self.merge_device):
             shares = self._batch_shares(parts, batch_size)
             weighted = [
-                t * tf.cast(share, t.dtype) for part, share in zip(added_losses, shares) for t in part
+                t * tf.cast(share, t.dtype)
+                for part, share in zip(added_losses, shares)
+                for t in part
             ]
             return slicing.merge_structures(outputs), _sum_or_zero(weighted)
 
@@ -299,7 +301,9 @@ class ParallelModel(keras.Model):
                 y_pred = slicing.merge_structures(outputs)
                 regularization = self._weight_regularization_losses()
                 weighted_activity = [
-                    t * tf.cast(share, t.dtype) for part, share in zip(activity, shares) for t in part
+                    t * tf.cast(share, t.dtype)
+                    for part, share in zip(activity, shares)
+                    for t in part
                 ]
                 loss = self._loss_with(
                     weighted_activity + regularization,

@@ -86,4 +86,5 @@ def test_environment_variable_sets_up_devices_on_import():
 def test_environment_variable_with_a_bad_value_names_it():
     result = _run("import kerasmgpu", KERASMGPU_SIMULATED_DEVICES="four")
     assert result.returncode != 0
-    assert "KERASMGPU_SIMULATED_DEVICES must be a whole number >= 1. Received: 'four'" in result.stderr
+    expected = "KERASMGPU_SIMULATED_DEVICES must be a whole number >= 1. Received: 'four'"
+    assert expected in result.stderr

@@ -65,7 +65,8 @@ def test_short_last_batch_and_batches_smaller_than_the_device_count():
     template = dense_classifier()
     guard = keras.Sequential([keras.Input((8,)), _NonEmptyBatch(), template])
     reference = twin(template)
-    reference.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", jit_compile=False)
+    reference.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy",
+                      jit_compile=False)
     parallel = kerasmgpu.multi_gpu_model(guard, gpus=4)
     parallel.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     for batch in (20, 2):
@@ -160,7 +161,8 @@ def test_batch_normalization_gets_one_update_from_the_replicas():
     outputs = keras.layers.Dense(3, activation="softmax")(hidden)
     template = keras.Model(inputs, outputs)
     reference = twin(template)
-    reference.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", jit_compile=False)
+    reference.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy",
+                      jit_compile=False)
     parallel = kerasmgpu.multi_gpu_model(template, gpus=2)
     parallel.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
     for model in (reference, parallel):
@@ -248,7 +250,8 @@ def test_wrapping_an_unbuilt_model_is_a_clear_error():
 def test_a_fixed_batch_size_is_a_clear_error_at_wrap_time():
     inputs = keras.Input(batch_shape=(32, 8), name="fixed")
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    with pytest.raises(ValueError, match=r"fixed batch size.*\(32, 8\).*keras.Input\(shape=\.\.\.\)"):
+    expected = r"fixed batch size.*\(32, 8\).*keras.Input\(shape=\.\.\.\)"
+    with pytest.raises(ValueError, match=expected):
         kerasmgpu.multi_gpu_model(model, gpus=2)
 
 

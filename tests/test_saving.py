@@ -107,5 +107,6 @@ def test_model_checkpoint_on_the_parallel_model_saves_the_template(tmp_path, wei
 
 def test_the_parallel_model_itself_is_not_serialized_by_mistake():
     parallel = kerasmgpu.multi_gpu_model(dense_classifier(), gpus=2)
-    with pytest.raises(NotImplementedError, match="save\\(\\) and ModelCheckpoint write its template"):
+    expected = "save\\(\\) and ModelCheckpoint write its template"
+    with pytest.raises(NotImplementedError, match=expected):
         parallel.get_config()
