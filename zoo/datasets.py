@@ -41,15 +41,12 @@ _KERAS_FILES = {
     "mnist": {
         "file": "mnist.npz",
         "origin": "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz",
-        "how": "place mnist.npz there",
+        "note": "",
     },
     "cifar10": {
         "file": "cifar-10-batches-py-target_archive",
         "origin": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "how": (
-            "place cifar-10-python.tar.gz there renamed to cifar-10-batches-py-target_archive "
-            "(Keras extracts it on the next load)"
-        ),
+        "note": " (the archive under the name Keras looks for; it extracts it on the next load)",
     },
 }
 
@@ -195,8 +192,8 @@ def _load_keras(name):
         target = os.path.join(keras_cache_dir(), info["file"])
         raise DatasetUnavailableError(
             f"The {name} dataset is not in the Keras cache and could not be downloaded "
-            f"({type(error).__name__}: {str(error)[:200]}). Download it from "
-            f"{info['origin']} and {info['how']}: {target}"
+            f"({type(error).__name__}: {str(error)[:200]}). Download {info['origin']} "
+            f"and save it as {target}{info['note']}."
         ) from None
 
     def images(x):
