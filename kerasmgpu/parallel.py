@@ -28,6 +28,7 @@ float rounding (BatchNormalization aside: each replica normalises with the stati
 of its own slice, as it did with the Keras 2 wrapper).
 """
 
+import contextlib
 import warnings
 
 import keras
@@ -77,6 +78,7 @@ class ParallelModel(keras.Model):
         self._replica_devices = tuple(resolved)
         self.cpu_merge = bool(cpu_merge)
         self._step_losses = None
+        self._cluster = None
         if hasattr(template, "output_names"):
             self.output_names = template.output_names
         self.built = True
@@ -148,43 +150,51 @@ class ParallelModel(keras.Model):
                 "call on each device; use fit() or train_on_batch() for training steps.",
                 stacklevel=2,
             )
-        return self._dispatch(inputs, self._predict_towers)
+        return self._dispatch(inputs, lambda k, size: self._predict_towers(k, size, inputs))
 
     def compute_output_spec(self, inputs, training=False, mask=None):
         return self.template.compute_output_spec(inputs)
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self._dispatch(x, self._predict_towers)
+        x = self._worker_share(x)
+        y_pred = self._dispatch(x, lambda k, size: self._predict_towers(k, size, x))
+        if self._cluster is not None:
+            with tf.device(self.merge_device):
+                y_pred = self._cluster.gather_structure(y_pred)
+        return y_pred
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, activity_loss = self._dispatch(x, self._test_towers)
-        with tf.device(self.merge_device):
-            loss = self._loss_with(
-                [activity_loss] + self._weight_regularization_losses(),
-                x, y, y_pred, sample_weight, training=False,
-            )
-            self._loss_tracker.update_state(loss, sample_weight=slicing.batch_size_of(x))
+        x_local = self._worker_share(x)
+        global_size = slicing.batch_size_of(x)
+        loss, y_pred = self._dispatch(
+            x_local,
+            lambda k, local_size: self._test_towers(
+                k, local_size, global_size, x_local, y, sample_weight
+            ),
+        )
+        self._loss_tracker.update_state(loss, sample_weight=global_size)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        x_local = self._worker_share(x)
+        global_size = slicing.batch_size_of(x)
         variables = self.template.trainable_variables
-        gradient_slots = {}
-        state_slots = {}
+        slots = {}
 
-        def towers(num_replicas, batch_size):
+        def towers(num_replicas, local_size):
             loss, y_pred, gradients, state = self._train_towers(
-                num_replicas, batch_size, x, y, sample_weight
+                num_replicas, local_size, global_size, x_local, y, sample_weight
             )
             # Branches of a switch must return tensors: drop the gradients that are None
             # and the state nothing changed, and remember which they were.
-            present = tuple(g is not None for g in gradients)
-            changed = tuple(s is not None for s in state)
-            if gradient_slots.setdefault("present", present) != present or (
-                state_slots.setdefault("changed", changed) != changed
-            ):
+            pattern = (
+                tuple(g is not None for g in gradients),
+                tuple(v is not None for v in state),
+            )
+            if slots.setdefault("pattern", pattern) != pattern:
                 raise RuntimeError(
                     "The template's gradients or state updates differ between replica "
                     "counts; it cannot be run by ParallelModel."
@@ -193,12 +203,15 @@ class ParallelModel(keras.Model):
                 loss,
                 y_pred,
                 [g for g in gradients if g is not None],
-                [s for s in state if s is not None],
+                [v for v in state if v is not None],
             )
 
-        loss, y_pred, packed_gradients, packed_state = self._dispatch_batch(x, towers)
-        gradients = _unpack(packed_gradients, gradient_slots["present"])
-        state = _unpack(packed_state, state_slots["changed"])
+        loss, y_pred, packed_gradients, packed_state = self._dispatch(x_local, towers)
+        gradients = _unpack(packed_gradients, slots["pattern"][0])
+        state = _unpack(packed_state, slots["pattern"][1])
+        if self._cluster is not None:
+            gradients = self._cluster.all_reduce_sum(gradients)
+            state = self._cluster.combine_state(self.template.non_trainable_variables, state)
 
         if variables:
             pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
@@ -208,15 +221,19 @@ class ParallelModel(keras.Model):
         for variable, value in zip(self.template.non_trainable_variables, state):
             if value is not None:
                 variable.assign(value)
-        self._loss_tracker.update_state(loss, sample_weight=slicing.batch_size_of(x))
+        self._loss_tracker.update_state(loss, sample_weight=global_size)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     # ------------------------------------------------------------- dispatching
-    def _dispatch(self, x, towers):
-        return self._dispatch_batch(x, lambda k, batch_size: towers(k, batch_size, x))
+    def _worker_share(self, x):
+        """The rows of a global batch this worker computes (all of them on one machine)."""
+        if self._cluster is None:
+            return x
+        with tf.device(devices_lib.host_device()), tf.name_scope("worker_share"):
+            return self._cluster.local_rows(x)
 
-    def _dispatch_batch(self, x, towers):
-        """Run `towers(k, batch_size)` with k = min(N, B) replicas.
+    def _dispatch(self, x, towers):
+        """Run `towers(k, batch_size)` with k = min(N, B) replicas for x's B samples.
 
         With a batch size known at trace time, k is fixed. Otherwise (the usual case in
         `fit`, and the short last batch of an epoch) a switch picks the branch with the
@@ -234,104 +251,143 @@ class ParallelModel(keras.Model):
         index = tf.minimum(batch_size, num_devices) - 1
         return tf.switch_case(index, branches)
 
-    def _predict_towers(self, num_replicas, batch_size, x):
-        parts = self._split(x, num_replicas, batch_size)
-        outputs = []
+    def _forward(self, parts, stateless_state=None, training=False, tapes=None):
+        """Run the template on each slice, on its device.
+
+        Returns per replica: outputs, losses added during the call, new state.
+        """
+        trainable = self.template.trainable_variables
+        non_trainable = self.template.non_trainable_variables
+        outputs, added, states = [], [], []
         for i, x_part in enumerate(parts):
             with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}"):
-                outputs.append(self.template(x_part, training=False))
+                state_in = stateless_state[i] if stateless_state else non_trainable
+                tape = tf.GradientTape() if tapes is not None else contextlib.nullcontext()
+                with tape:
+                    y_part, state, losses = self.template.stateless_call(
+                        trainable, state_in, x_part, training=training, return_losses=True
+                    )
+                if tapes is not None:
+                    tapes.append(tape)
+                outputs.append(y_part)
+                added.append(self._activity_losses(losses))
+                states.append(state)
+        return outputs, added, states
+
+    def _global_outputs(self, outputs):
+        """Merge the replicas' outputs (and, on a cluster, every worker's) in batch order."""
+        merged = slicing.merge_structures(outputs)
+        if self._cluster is not None:
+            merged = self._cluster.gather_structure(merged)
+        return merged
+
+    def _added_loss(self, added, shares):
+        """Losses added during the call (batch means), weighted b_i / B, all workers."""
+        weighted = [
+            tf.cast(t, keras.config.floatx()) * share
+            for part, share in zip(added, shares)
+            for t in part
+        ]
+        local = _sum_or_zero(weighted)
+        if self._cluster is None:
+            return local
+        # The value counts every worker; the gradient flows to this worker's replicas.
+        total = self._cluster.all_reduce_sum([local])[0]
+        return local + tf.stop_gradient(total - local)
+
+    def _predict_towers(self, num_replicas, batch_size, x):
+        parts = self._split(x, num_replicas, batch_size)
+        outputs, _, _ = self._forward(parts)
         with tf.device(self.merge_device):
             return slicing.merge_structures(outputs)
 
-    def _test_towers(self, num_replicas, batch_size, x):
-        parts = self._split(x, num_replicas, batch_size)
-        outputs, added_losses = [], []
-        trainable = self.template.trainable_variables
-        non_trainable = self.template.non_trainable_variables
-        for i, x_part in enumerate(parts):
-            with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}"):
-                y_part, _, losses = self.template.stateless_call(
-                    trainable, non_trainable, x_part, training=False, return_losses=True
-                )
-                outputs.append(y_part)
-                added_losses.append(self._activity_losses(losses))
+    def _test_towers(self, num_replicas, local_size, global_size, x, y, sample_weight):
+        parts = self._split(x, num_replicas, local_size)
+        outputs, added, _ = self._forward(parts)
         with tf.device(self.merge_device):
-            shares = self._batch_shares(parts, batch_size)
-            weighted = [
-                t * tf.cast(share, t.dtype)
-                for part, share in zip(added_losses, shares)
-                for t in part
-            ]
-            return slicing.merge_structures(outputs), _sum_or_zero(weighted)
+            shares = self._batch_shares(parts, global_size)
+            y_pred = self._global_outputs(outputs)
+            loss = self._loss_with(
+                [self._added_loss(added, shares)] + self._weight_regularization_losses(),
+                x, y, y_pred, sample_weight, training=False,
+            )
+        return loss, y_pred
 
-    def _train_towers(self, num_replicas, batch_size, x, y, sample_weight):
+    def _train_towers(self, num_replicas, local_size, global_size, x, y, sample_weight):
         trainable = self.template.trainable_variables
         non_trainable = self.template.non_trainable_variables
-        parts = self._split(x, num_replicas, batch_size)
+        parts = self._split(x, num_replicas, local_size)
+        first_replica = self._cluster.worker_index * len(self._replica_devices) if (
+            self._cluster is not None) else 0
+        with tf.name_scope("replica_state"):
+            state_inputs = [
+                _replica_state(non_trainable, first_replica + i) for i in range(len(parts))
+            ]
 
         # Forward: one tape per replica, on the replica's device.
-        tapes, outputs, activity, states, state_inputs = [], [], [], [], []
-        for i, x_part in enumerate(parts):
-            with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}"):
-                state_inputs.append(_replica_state(non_trainable, i))
-                tape = tf.GradientTape()
-                with tape:
-                    y_part, state, losses = self.template.stateless_call(
-                        trainable,
-                        state_inputs[i],
-                        x_part,
-                        training=True,
-                        return_losses=True,
-                    )
-                tapes.append(tape)
-                outputs.append(y_part)
-                activity.append(self._activity_losses(losses))
-                states.append(state)
+        tapes = []
+        outputs, added, states = self._forward(
+            parts, stateless_state=state_inputs, training=True, tapes=tapes
+        )
 
-        # Loss once, on the merged batch; its gradient with respect to each replica's
-        # outputs (and activity losses) is what the replicas back-propagate.
-        flat_outputs = [
-            [slicing.loss_facing(t) for t in tree.flatten(y_part)] for y_part in outputs
-        ]
+        # Loss once, on the merged batch. What the loss reads of the merged outputs (the
+        # outputs and, for softmax/sigmoid outputs, their logits) is watched, and the
+        # gradient with respect to it is handed back to the replicas, row by row.
         with tf.device(self.merge_device):
-            shares = self._batch_shares(parts, batch_size)
+            shares = self._batch_shares(parts, global_size)
+            y_pred = self._global_outputs(outputs)
+            merged_leaves = tree.flatten(y_pred)
+            watched = [_with_logits(leaf) for leaf in merged_leaves]
+            flat_added = [t for part in added for t in part]
             with tf.GradientTape() as loss_tape:
-                loss_tape.watch([t for part in flat_outputs for t in part])
-                loss_tape.watch([t for part in activity for t in part])
-                y_pred = slicing.merge_structures(outputs)
+                loss_tape.watch([t for pair in watched for t in pair if t is not None])
+                loss_tape.watch(flat_added)
                 regularization = self._weight_regularization_losses()
-                weighted_activity = [
-                    t * tf.cast(share, t.dtype)
-                    for part, share in zip(activity, shares)
-                    for t in part
-                ]
                 loss = self._loss_with(
-                    weighted_activity + regularization,
+                    [self._added_loss(added, shares)] + regularization,
                     x, y, y_pred, sample_weight, training=True,
                 )
                 scaled_loss = self.optimizer.scale_loss(loss)
-            sources = (
-                [t for part in flat_outputs for t in part]
-                + [t for part in activity for t in part]
-                + list(trainable)
-            )
-            upstream = loss_tape.gradient(scaled_loss, sources)
-        upstream = iter(upstream)
-        output_grads = [[next(upstream) for _ in part] for part in flat_outputs]
-        activity_grads = [[next(upstream) for _ in part] for part in activity]
+            flat_watched = [t for pair in watched for t in pair]
+            present = [t for t in flat_watched if t is not None]
+            upstream = iter(loss_tape.gradient(scaled_loss, present + flat_added + trainable))
+        watched_grads = [None if t is None else next(upstream) for t in flat_watched]
+        added_grads = iter([next(upstream) for _ in flat_added])
         regularization_grads = list(upstream)
+        if self._cluster is not None and not self._cluster.is_chief:
+            # Every worker computes the same weight-regularization gradient; the
+            # all-reduce must count it once.
+            regularization_grads = [None] * len(regularization_grads)
+
+        # Hand each replica its rows of the gradient with respect to the merged outputs.
+        with tf.device(self.merge_device), tf.name_scope("split_output_gradients"):
+            local_grads = [
+                None if g is None or t is None else self._local_rows_of_gradient(g)
+                for g, t in zip(watched_grads, flat_watched)
+            ]
+            bounds = slicing.slice_bounds(local_size, len(parts)) if len(parts) > 1 else None
+            replica_seeds = [
+                [None if g is None else (g if bounds is None else g[a:b]) for g in local_grads]
+                for a, b in (bounds or [(None, None)])
+            ]
 
         # Backward: each replica through its own tape, on its own device.
         replica_grads = []
         for i, tape in enumerate(tapes):
             with tf.device(self._replica_devices[i]), tf.name_scope(f"replica_{i}_backward"):
+                replica_tensors = [
+                    t for leaf in tree.flatten(outputs[i]) for t in _with_logits(leaf)
+                ]
                 targets, seeds = [], []
-                for tensor, grad in zip(
-                    flat_outputs[i] + activity[i], output_grads[i] + activity_grads[i]
-                ):
-                    if grad is not None:
+                for tensor, seed in zip(replica_tensors, replica_seeds[i]):
+                    if seed is not None and tensor is not None:
                         targets.append(tensor)
-                        seeds.append(grad)
+                        seeds.append(seed)
+                for tensor in added[i]:
+                    seed = next(added_grads)
+                    if seed is not None:
+                        targets.append(tensor)
+                        seeds.append(seed)
                 if targets:
                     replica_grads.append(
                         tape.gradient(targets, trainable, output_gradients=seeds)
@@ -347,6 +403,11 @@ class ParallelModel(keras.Model):
 
         new_state = self._combine_state(non_trainable, state_inputs, states, shares)
         return loss, y_pred, gradients, new_state
+
+    def _local_rows_of_gradient(self, gradient):
+        if self._cluster is None:
+            return gradient
+        return self._cluster.local_rows_of_gathered(gradient)
 
     # ------------------------------------------------------------------- helpers
     def _split(self, x, num_replicas, batch_size):
@@ -456,6 +517,11 @@ def _replica_state(non_trainable, replica):
             value = value + offset
         values.append(value)
     return values
+
+
+def _with_logits(tensor):
+    """A merged or replica output and what a Keras loss may read instead (its logits)."""
+    return (tensor, slicing.logits_of(tensor))
 
 
 def _unpack(packed, present):

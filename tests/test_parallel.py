@@ -184,7 +184,7 @@ def test_replicas_draw_different_dropout_masks():
     parallel.compile("sgd", "mse")
     x = tf.ones((4, 64))
     _, y_pred, _, _ = tf.function(
-        lambda: parallel._train_towers(2, tf.constant(4), x, tf.zeros((4, 1)), None)
+        lambda: parallel._train_towers(2, tf.constant(4), tf.constant(4), x, tf.zeros((4, 1)), None)
     )()
     y_pred = y_pred.numpy().ravel()
     # Replica 0 holds rows 0-1, replica 1 rows 2-3: equal masks would give equal rows.

@@ -163,3 +163,21 @@ def test_activity_regularization_is_counted_per_sample_not_per_replica(gpus):
     hidden = keras.layers.Dense(5, activity_regularizer=keras.regularizers.L1(0.01))(inputs)
     model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
     _compare(model, RNG.normal(size=(30, 6)), RNG.normal(size=(30, 1)), "mse", gpus=gpus, batch=9)
+
+
+def test_a_loss_that_reads_softmax_probabilities_rather_than_logits():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="softmax")])
+    targets = keras.utils.to_categorical(RNG.integers(0, 4, size=30), 4)
+    _compare(model, RNG.normal(size=(30, 6)), targets, "mse")
+
+
+def test_an_output_without_a_loss_is_left_out_of_the_backward_pass():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, activation="relu")(inputs)
+    trained = keras.layers.Dense(1, name="trained")(hidden)
+    ignored = keras.layers.Dense(2, activation="softmax", name="ignored")(hidden)
+    model = keras.Model(inputs, {"trained": trained, "ignored": ignored})
+    _compare(model, RNG.normal(size=(30, 6)), {"trained": RNG.normal(size=(30, 1))},
+             {"trained": "mse"})
