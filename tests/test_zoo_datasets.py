@@ -1,4 +1,4 @@
-"""Zoo datasets: their documented form, the offline error, the batch stream, the CIFAR-10 pipeline."""
+"""Zoo datasets: their form, the offline error, the batch stream, the CIFAR-10 pipeline."""
 
 import os
 import subprocess

@@ -377,6 +377,13 @@ def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAUL
     ]
 
     trainer = wrap(template, gpus)
+    history.record["devices"] = (
+        trainer.devices if isinstance(trainer, kerasmgpu.ParallelModel)
+        else kerasmgpu.visible_devices()[:1]
+    )
+    if verbose:
+        print(f"Training {model} on {dataset} ({len(x_train)} examples, {steps} steps per "
+              f"epoch) on {', '.join(history.record['devices'])}")
     trainer.fit(
         train_data, epochs=epochs, steps_per_epoch=steps, validation_data=test_data,
         callbacks=run_callbacks, verbose=verbose, shuffle=False,  # the stream is shuffled
