@@ -82,6 +82,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     assert os.path.exists(os.path.join(output, "backup"))
     with pytest.raises(ValueError, match="--resume"):
         train.run(output=output, **settings)  # refuses to silently start over
+    with pytest.raises(ValueError, match="seed: 3 -> 4"):
+        train.run(output=output, resume=True, **{**settings, "seed": 4})
     resumed = train.run(output=output, resume=True, **settings)
 
     assert resumed["epoch"] == [1, 2, 3]

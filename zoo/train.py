@@ -163,6 +163,19 @@ class _RandomStateBackup(keras.callbacks.Callback):
             os.remove(stale)
 
 
+# Settings a resumed run may change: more epochs, or another number of devices (which
+# changes the result by float rounding only).
+_RESUMABLE_CHANGES = ("epochs", "gpus")
+
+
+def _changed_settings(previous, current):
+    return {
+        key: (previous.get(key), value)
+        for key, value in current.items()
+        if key not in _RESUMABLE_CHANGES and previous.get(key) != value
+    }
+
+
 class _JsonHistory(keras.callbacks.Callback):
     """Keeps `history.json` up to date after every epoch, across interruptions."""
 
@@ -173,8 +186,9 @@ class _JsonHistory(keras.callbacks.Callback):
         if resume and os.path.exists(path):
             with open(path) as f:
                 previous = json.load(f)
-            if previous.get("settings") == settings:
+            if not _changed_settings(previous.get("settings", {}), settings):
                 self.record = previous
+                self.record["settings"] = settings
                 self.record.pop("test", None)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -206,19 +220,26 @@ def plot_curves(record, path):
         path: where to write the PNG.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = record["epoch"]
     history = record["history"]
     figure = Figure(figsize=(10, 4), layout="constrained")
     for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
-        for key, label in ((metric, "train"), (f"val_{metric}", "test")):
+        test_label = "test (moving average)" if record.get("test_uses_moving_average") else "test"
+        for key, label in ((metric, "train"), (f"val_{metric}", test_label)):
             if key in history:
                 axes.plot(epochs, history[key], marker="o", label=label)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.suptitle(f"{record['settings']['model']} on {record['settings']['dataset']}")
+    settings = record["settings"]
+    figure.suptitle(
+        f"{settings['model']} on {settings['dataset']}, {settings['gpus']} device(s), "
+        f"batch {settings['batch_size']}"
+    )
     figure.savefig(path, dpi=100)
 
 
@@ -364,6 +385,18 @@ def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAUL
         "model_kwargs": model_kwargs or {},
     }
     history_path = os.path.join(output, "history.json")
+    if resume and os.path.exists(backup_dir) and os.path.exists(history_path):
+        with open(history_path) as f:
+            changed = _changed_settings(json.load(f).get("settings", {}), settings)
+        if changed:
+            described = ", ".join(
+                f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items()
+            )
+            raise SetupError(
+                f"--resume continues the run in {output!r} with its own settings, but these "
+                f"differ ({described}). Use the same flags (only --epochs and --gpus may "
+                "change), or another --output."
+            )
     history = _JsonHistory(history_path, settings, resume)
     uses_ema = bool(getattr(template.optimizer, "use_ema", False))
     evaluation_callbacks = [keras.callbacks.SwapEMAWeights()] if uses_ema else []
@@ -436,7 +469,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 1
     test = ", ".join(f"{key} {value:.4f}" for key, value in record["test"].items())
-    print(f"test: {test}")
+    weights = " (moving average of the weights)" if record["test_uses_moving_average"] else ""
+    print(f"test{weights}: {test}")
     print(f"wrote {os.path.join(args.output, 'model.keras')}, history.json and curves.png")
     return 0
 
