@@ -72,6 +72,12 @@ def center(image):
 
     Returns:
         A float32 `(24, 24, 3)` image with zero mean and unit variance.
+
+    Example:
+
+    ```python
+    out = zoo.cifar10_input.center(x_test[0])
+    ```
     """
     image = tf.image.resize_with_crop_or_pad(_tutorial_scale(image), IMAGE_SIZE, IMAGE_SIZE)
     return tf.image.per_image_standardization(image)
@@ -105,6 +111,13 @@ def train_dataset(images, labels, batch_size=128, seed=0, start_batch=0, repeat=
 
     Returns:
         A prefetched `tf.data.Dataset` of `(images (B, 24, 24, 3) float32, labels (B,))`.
+
+    Example:
+
+    ```python
+    train = zoo.cifar10_input.train_dataset(x, y, batch_size=128, seed=0)
+    model.fit(train, epochs=10, steps_per_epoch=len(x) // 128)
+    ```
     """
     _check_images(images, labels)
 
@@ -127,6 +140,13 @@ def eval_dataset(images, labels, batch_size=128):
 
     Returns:
         A prefetched `tf.data.Dataset` of `(images (B, 24, 24, 3) float32, labels (B,))`.
+
+    Example:
+
+    ```python
+    model.evaluate(zoo.cifar10_input.eval_dataset(x_test, y_test),
+                   callbacks=zoo.cifar10_recipe().callbacks())
+    ```
     """
     _check_images(images, labels)
     return (

@@ -56,7 +56,15 @@ class DatasetUnavailableError(FileNotFoundError):
 
 
 def names():
-    """The dataset names `load` accepts, sorted."""
+    """The dataset names `load` accepts, sorted.
+
+    Example:
+
+    ```python
+    zoo.datasets.names()
+    # ['cifar10', 'digits', 'mnist', 'synthetic-cifar10', 'synthetic-mnist']
+    ```
+    """
     return sorted(["digits", "mnist", "cifar10", *_SYNTHETIC_SHAPES])
 
 
@@ -65,6 +73,16 @@ def keras_cache_dir():
 
     `$KERAS_HOME/datasets` when KERAS_HOME is set, else `~/.keras/datasets` (or
     `/tmp/.keras/datasets` when the home directory is not writable), as Keras decides.
+    This is where to put MNIST or CIFAR-10 by hand on a machine without network access.
+
+    Returns:
+        The directory's path (it may not exist yet).
+
+    Example:
+
+    ```python
+    zoo.datasets.keras_cache_dir()  # '/home/me/.keras/datasets'
+    ```
     """
     if "KERAS_HOME" in os.environ:
         home = os.environ["KERAS_HOME"]

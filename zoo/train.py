@@ -81,7 +81,21 @@ def wrap(model, gpus=1):
 def ensure_devices(gpus):
     """Make `gpus` devices available: on a CPU-only machine, simulate them.
 
-    Must run before TensorFlow initialises (before any tensor, dataset or model).
+    Must run before TensorFlow initialises (before any tensor, dataset or model). When
+    TensorFlow has already fixed its devices, enough of them is accepted.
+
+    Args:
+        gpus: the number of devices the run needs.
+
+    Raises:
+        SetupError: fewer devices are visible than requested.
+
+    Example:
+
+    ```python
+    zoo.train.ensure_devices(2)  # first thing
+    parallel = zoo.train.wrap(zoo.mnist_mlp(), gpus=2)
+    ```
     """
     if gpus <= 1:
         return
@@ -218,6 +232,13 @@ def plot_curves(record, path):
     Args:
         record: the content of `history.json`.
         path: where to write the PNG.
+
+    Example:
+
+    ```python
+    with open("runs/digits/history.json") as f:
+        zoo.train.plot_curves(json.load(f), "curves.png")
+    ```
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
