@@ -328,7 +328,8 @@ def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAUL
         output: directory for the outputs and the backup.
         resume: continue an interrupted run from its backup in `output/backup`.
         steps_per_epoch: batches per epoch; default one pass, ceil(N / batch_size).
-        seed: seeds the weights, the batch order, dropout and augmentation.
+        seed: seeds the weights, the batch order, dropout and augmentation (it sets the
+            process-wide seeds with `keras.utils.set_random_seed`).
         model_kwargs: keyword arguments for the model builder (needed for "mlp").
         callbacks: extra Keras callbacks, run after the run's own.
         verbose: Keras' `fit` verbosity ("auto" shows the progress bar).
