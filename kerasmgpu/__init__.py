@@ -8,6 +8,7 @@ Public API:
     slice_sizes(batch_size, num_replicas)
 """
 
+from kerasmgpu import cluster
 from kerasmgpu.devices import simulate_devices, simulate_devices_from_env, visible_devices
 from kerasmgpu.parallel import ParallelModel, multi_gpu_model
 from kerasmgpu.slicing import slice_sizes
@@ -15,9 +16,11 @@ from kerasmgpu.slicing import slice_sizes
 __version__ = "0.1.0"
 
 simulate_devices_from_env()
+cluster.connect_from_environment()
 
 __all__ = [
     "ParallelModel",
+    "cluster",
     "multi_gpu_model",
     "simulate_devices",
     "slice_sizes",

@@ -13,6 +13,23 @@ import tensorflow as tf
 
 ENV_SIMULATED_DEVICES = "KERASMGPU_SIMULATED_DEVICES"
 
+# On a cluster TensorFlow also lists the other workers' devices; replicas use this
+# worker's own, "/job:worker/replica:0/task:<index>".
+_local_task = None
+
+
+def set_local_task(job, index):
+    """Restrict the devices replicas use to one task of a cluster (see kerasmgpu.cluster)."""
+    global _local_task
+    _local_task = (job, index)
+
+
+def _is_local(name):
+    if _local_task is None:
+        return True
+    spec = tf.DeviceSpec.from_string(name)
+    return (spec.job, spec.task) == _local_task
+
 
 def _accelerator_type():
     """"GPU" when the machine has GPUs, else "CPU"."""
@@ -42,10 +59,16 @@ def simulate_devices(n):
     parallel = kerasmgpu.multi_gpu_model(model, gpus=4)
     ```
     """
+    _configure_logical_cpus(n)
+    return visible_devices()
+
+
+def _configure_logical_cpus(n):
+    """Ask TensorFlow for n logical CPUs (without initialising it) on a machine without GPUs."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"simulate_devices expects a whole number n >= 1. Received: n={n!r}")
     if _accelerator_type() == "GPU":
-        return visible_devices()
+        return
     cpu = tf.config.list_physical_devices("CPU")[0]
     config = [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
     try:
@@ -60,7 +83,6 @@ def simulate_devices(n):
                 "kerasmgpu.simulate_devices() before creating any tensor, layer or model, or "
                 f"set {ENV_SIMULATED_DEVICES}={n} in the environment before starting Python."
             ) from None
-    return visible_devices()
 
 
 def simulate_devices_from_env():
@@ -75,19 +97,25 @@ def simulate_devices_from_env():
             f"{ENV_SIMULATED_DEVICES} must be a whole number >= 1. Received: {value!r}"
         ) from None
     try:
-        simulate_devices(n)
+        # Configure only: TensorFlow must stay uninitialised here so that a cluster
+        # (TF_CONFIG) can still be joined.
+        _configure_logical_cpus(n)
     except RuntimeError as error:
         warnings.warn(str(error), RuntimeWarning, stacklevel=3)
 
 
 def visible_devices():
     """Names of the devices replicas can run on: the GPUs, or else the logical CPUs."""
-    return [device.name for device in tf.config.list_logical_devices(_accelerator_type())]
+    return [
+        device.name
+        for device in tf.config.list_logical_devices(_accelerator_type())
+        if _is_local(device.name)
+    ]
 
 
 def host_device():
     """The CPU device that merges outputs when `cpu_merge=True`."""
-    return tf.config.list_logical_devices("CPU")[0].name
+    return next(d.name for d in tf.config.list_logical_devices("CPU") if _is_local(d.name))
 
 
 def canonical_device(name):
@@ -161,7 +189,7 @@ def resolve_devices(gpus, minimum=2):
             )
         match = next((v for v in visible if _same_device(v, name)), None)
         if match is None:
-            cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+            cpus = [d.name for d in tf.config.list_logical_devices("CPU") if _is_local(d.name)]
             cpu_match = next((cpu for cpu in cpus if _same_device(cpu, name)), None)
             if cpu_match is None:
                 raise ValueError(

@@ -35,6 +35,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
+from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
 from kerasmgpu import slicing
 
@@ -78,7 +79,7 @@ class ParallelModel(keras.Model):
         self._replica_devices = tuple(resolved)
         self.cpu_merge = bool(cpu_merge)
         self._step_losses = None
-        self._cluster = None
+        self._cluster = cluster_lib.current()
         if hasattr(template, "output_names"):
             self.output_names = template.output_names
         self.built = True
@@ -157,11 +158,12 @@ class ParallelModel(keras.Model):
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        global_size = slicing.batch_size_of(x)
         x = self._worker_share(x)
         y_pred = self._dispatch(x, lambda k, size: self._predict_towers(k, size, x))
         if self._cluster is not None:
             with tf.device(self.merge_device):
-                y_pred = self._cluster.gather_structure(y_pred)
+                y_pred = self._cluster.gather_structure(y_pred, global_size)
         return y_pred
 
     def test_step(self, data):
@@ -248,7 +250,10 @@ class ParallelModel(keras.Model):
         branches = [
             (lambda k=k: towers(k, batch_size)) for k in range(1, num_devices + 1)
         ]
-        index = tf.minimum(batch_size, num_devices) - 1
+        if self._cluster is not None:
+            branches = self._cluster.same_keys_per_branch(branches)
+        # A worker whose share of a tiny last batch is empty runs one empty replica.
+        index = tf.maximum(tf.minimum(batch_size, num_devices) - 1, 0)
         return tf.switch_case(index, branches)
 
     def _forward(self, parts, stateless_state=None, training=False, tapes=None):
@@ -274,11 +279,11 @@ class ParallelModel(keras.Model):
                 states.append(state)
         return outputs, added, states
 
-    def _global_outputs(self, outputs):
+    def _global_outputs(self, outputs, global_size):
         """Merge the replicas' outputs (and, on a cluster, every worker's) in batch order."""
         merged = slicing.merge_structures(outputs)
         if self._cluster is not None:
-            merged = self._cluster.gather_structure(merged)
+            merged = self._cluster.gather_structure(merged, global_size)
         return merged
 
     def _added_loss(self, added, shares):
@@ -306,7 +311,7 @@ class ParallelModel(keras.Model):
         outputs, added, _ = self._forward(parts)
         with tf.device(self.merge_device):
             shares = self._batch_shares(parts, global_size)
-            y_pred = self._global_outputs(outputs)
+            y_pred = self._global_outputs(outputs, global_size)
             loss = self._loss_with(
                 [self._added_loss(added, shares)] + self._weight_regularization_losses(),
                 x, y, y_pred, sample_weight, training=False,
@@ -335,7 +340,7 @@ class ParallelModel(keras.Model):
         # gradient with respect to it is handed back to the replicas, row by row.
         with tf.device(self.merge_device):
             shares = self._batch_shares(parts, global_size)
-            y_pred = self._global_outputs(outputs)
+            y_pred = self._global_outputs(outputs, global_size)
             merged_leaves = tree.flatten(y_pred)
             watched = [_with_logits(leaf) for leaf in merged_leaves]
             flat_added = [t for part in added for t in part]
@@ -362,7 +367,7 @@ class ParallelModel(keras.Model):
         # Hand each replica its rows of the gradient with respect to the merged outputs.
         with tf.device(self.merge_device), tf.name_scope("split_output_gradients"):
             local_grads = [
-                None if g is None or t is None else self._local_rows_of_gradient(g)
+                None if g is None or t is None else self._local_rows_of_gradient(g, global_size)
                 for g, t in zip(watched_grads, flat_watched)
             ]
             bounds = slicing.slice_bounds(local_size, len(parts)) if len(parts) > 1 else None
@@ -404,10 +409,10 @@ class ParallelModel(keras.Model):
         new_state = self._combine_state(non_trainable, state_inputs, states, shares)
         return loss, y_pred, gradients, new_state
 
-    def _local_rows_of_gradient(self, gradient):
+    def _local_rows_of_gradient(self, gradient, global_size):
         if self._cluster is None:
             return gradient
-        return self._cluster.local_rows_of_gathered(gradient)
+        return self._cluster.local_rows_of_gathered(gradient, global_size)
 
     # ------------------------------------------------------------------- helpers
     def _split(self, x, num_replicas, batch_size):

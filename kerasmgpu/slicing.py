@@ -108,22 +108,31 @@ def loss_facing(tensor):
     return tensor if logits is None else logits
 
 
-def _merge_leaf(*parts):
+def join_leaf(parts, join):
+    """Join the parts of one output leaf with `join` (a list of tensors -> one tensor).
+
+    The Keras logits and mask carried by the parts are joined the same way, so that a
+    loss on the joined output reads what it would read on one device.
+    """
     if parts[0] is None:
         return None
-    merged = tf.concat(parts, axis=0)
+    joined = join(list(parts))
     logits = [getattr(p, "_keras_logits", None) for p in parts]
     if all(t is not None for t in logits):
-        merged._keras_logits = tf.concat(logits, axis=0)
+        joined._keras_logits = join(logits)
     elif all(logits_of(p) is not None for p in parts):
-        # A raw softmax/sigmoid op: apply it again on the merged logits so the loss sees
+        # A raw softmax/sigmoid op: apply it again on the joined logits so the loss sees
         # the same op on the whole batch.
         activation = _ACTIVATION_OPS[parts[0].op.type]
-        merged = activation(tf.concat([logits_of(p) for p in parts], axis=0))
+        joined = activation(join([logits_of(p) for p in parts]))
     masks = [getattr(p, "_keras_mask", None) for p in parts]
     if all(m is not None for m in masks):
-        merged._keras_mask = tf.concat(masks, axis=0)
-    return merged
+        joined._keras_mask = join(masks)
+    return joined
+
+
+def _concat(parts):
+    return tf.concat(parts, axis=0)
 
 
 def merge_structures(structures):
@@ -133,4 +142,4 @@ def merge_structures(structures):
     """
     if len(structures) == 1:
         return structures[0]
-    return tree.map_structure(_merge_leaf, *structures)
+    return tree.map_structure(lambda *parts: join_leaf(parts, _concat), *structures)

@@ -1,0 +1,325 @@
+"""Training across machines: TensorFlow's collectives, described by TF_CONFIG.
+
+Each worker (one process per machine, or several on one machine for testing) runs the
+same script. Inside a worker, `ParallelModel` runs its towers on the local devices as on
+one machine; across workers:
+
+- Every worker iterates the same *global* batches (same data, same order: seed the
+  shuffle the same way everywhere, e.g. `keras.utils.set_random_seed(0)`), and computes
+  its contiguous share of each batch: worker w of W takes rows slice_bounds(B, W)[w].
+  The global batch is the sum of the workers' shares.
+- The replicas' outputs are gathered from all workers (a collective all-gather), so the
+  loss and the metrics are computed on the whole global batch, identically on every
+  worker: reported losses and metrics are global, exactly as on one machine.
+- Gradients are summed inside the machine first, then all-reduced across workers
+  (a collective all-reduce, ring or NCCL), and every worker applies the same update:
+  weights stay identical.
+- Only the chief (worker 0) writes files through `save`, `save_weights` and callbacks
+  such as `ModelCheckpoint`; `keras.callbacks.BackupAndRestore` resumes a restarted
+  cluster (its directory must be readable by every worker).
+
+The cluster is joined on `import kerasmgpu` when TF_CONFIG names more than one task
+(collectives must be set up before TensorFlow starts), or by calling `connect()` first
+thing in the script.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+from keras import tree
+
+from kerasmgpu import devices as devices_lib
+from kerasmgpu import slicing
+
+ENV_TIMEOUT = "KERASMGPU_COLLECTIVE_TIMEOUT"
+ENV_REGISTER_TIMEOUT = "KERASMGPU_REGISTER_TIMEOUT"
+_GROUP_KEY = 170_000_001  # apart from the keys tf.distribute allocates (small integers)
+_BATCH_KEYS = 1 << 16  # instance keys per collective: one per batch size (mod 65536)
+_current = None
+
+
+class ClusterError(RuntimeError):
+    """A worker lost the cluster: a peer failed, is unreachable, or timed out."""
+
+
+def parse_tf_config(value=None):
+    """Read and check a TF_CONFIG value (the environment's when `value` is None).
+
+    Returns:
+        `(workers, index)`: the list of "host:port" worker addresses and this task's
+        index, or None when TF_CONFIG is not set.
+    """
+    if value is None:
+        value = os.environ.get("TF_CONFIG")
+    if not value:
+        return None
+    try:
+        config = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({error}). Received: {value!r}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"TF_CONFIG must be a JSON object. Received: {value!r}")
+    cluster = config.get("cluster")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ValueError(
+            'TF_CONFIG must have a "cluster" entry such as {"worker": ["host1:port", '
+            f'"host2:port"]}}. Received: {value!r}'
+        )
+    unsupported = sorted(set(cluster) - {"worker", "chief"})
+    if unsupported:
+        raise ValueError(
+            f"TF_CONFIG's cluster may list 'chief' and 'worker' tasks; kerasmgpu trains "
+            f"with all of them as peers. Received task types {unsupported} in {value!r}"
+        )
+    workers = list(cluster.get("chief", [])) + list(cluster.get("worker", []))
+    if not workers or not all(isinstance(w, str) and ":" in w for w in workers):
+        raise ValueError(
+            f'TF_CONFIG\'s cluster must list addresses as "host:port". Received: {value!r}'
+        )
+    task = config.get("task")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ValueError(
+            'TF_CONFIG must have a "task" entry such as {"type": "worker", "index": 0}. '
+            f"Received: {value!r}"
+        )
+    task_type, index = task["type"], task["index"]
+    if task_type not in cluster:
+        raise ValueError(
+            f"TF_CONFIG's task type {task_type!r} is not in its cluster "
+            f"({sorted(cluster)}). Received: {value!r}"
+        )
+    if isinstance(index, bool) or not isinstance(index, int) or not (
+        0 <= index < len(cluster[task_type])
+    ):
+        raise ValueError(
+            f"TF_CONFIG's task index must be 0..{len(cluster[task_type]) - 1} for "
+            f"{len(cluster[task_type])} {task_type!r} task(s). Received: index={index!r}"
+        )
+    if task_type == "worker":
+        index += len(cluster.get("chief", []))
+    return workers, index
+
+
+def current():
+    """The cluster this process has joined, or None on a single machine."""
+    return _current
+
+
+def connect_from_environment():
+    """Join the cluster TF_CONFIG describes, if it names more than one task."""
+    parsed = parse_tf_config()
+    if parsed is not None and len(parsed[0]) > 1:
+        connect()
+    return _current
+
+
+def connect(timeout_seconds=None, register_timeout_seconds=None):
+    """Join the cluster described by TF_CONFIG (idempotent).
+
+    Must run before TensorFlow initialises (before any tensor, layer or model is made);
+    `import kerasmgpu` calls it when TF_CONFIG is set.
+
+    Args:
+        timeout_seconds: how long a collective waits for its peers before this worker
+            gives up (default 60, or KERASMGPU_COLLECTIVE_TIMEOUT).
+        register_timeout_seconds: how long to wait for every worker to start (default
+            120, or KERASMGPU_REGISTER_TIMEOUT).
+
+    Returns:
+        The `Cluster`.
+    """
+    global _current
+    if _current is not None:
+        return _current
+    parsed = parse_tf_config()
+    if parsed is None:
+        raise ValueError(
+            "connect() needs TF_CONFIG, e.g. "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}. It is not set.'
+        )
+    workers, index = parsed
+    timeout = float(timeout_seconds or os.environ.get(ENV_TIMEOUT, 60))
+    register = float(register_timeout_seconds or os.environ.get(ENV_REGISTER_TIMEOUT, 120))
+    _current = Cluster(workers, index, timeout, register)
+    return _current
+
+
+class Cluster:
+    """The workers of a training cluster and the collectives between them."""
+
+    def __init__(self, workers, index, timeout_seconds, register_timeout_seconds):
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+
+        self.workers = list(workers)
+        self.worker_index = index
+        self.num_workers = len(workers)
+        self.timeout_seconds = timeout_seconds
+        if context.context()._context_handle is not None:  # noqa: SLF001
+            raise RuntimeError(
+                "kerasmgpu joins a TF_CONFIG cluster before TensorFlow initialises, but it "
+                "already has. Import kerasmgpu (or call kerasmgpu.cluster.connect()) at the "
+                "top of the script, before creating any tensor, layer or model."
+            )
+        # Our own coordination service settings: a peer that never registers or stops
+        # sending heartbeats becomes an error within bounded time instead of a hang.
+        context.context().configure_coordination_service(
+            service_type="standalone",
+            service_leader="/job:worker/replica:0/task:0",
+            cluster_register_timeout_in_ms=int(register_timeout_seconds * 1000),
+            heartbeat_timeout_in_ms=int(max(10.0, timeout_seconds / 2) * 1000),
+            coordinated_jobs=[
+                coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=self.num_workers)
+            ],
+        )
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"worker": self.workers}),
+            task_type="worker",
+            task_id=index,
+            rpc_layer="grpc",
+        )
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=tf.distribute.experimental.CommunicationImplementation.RING,
+            timeout_seconds=timeout_seconds,
+        )
+        try:
+            # The strategy starts this worker's server and enables TensorFlow's
+            # collective ops; kerasmgpu then issues its collectives itself.
+            self._strategy = tf.distribute.MultiWorkerMirroredStrategy(
+                cluster_resolver=resolver, communication_options=options
+            )
+        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as error:
+            raise ClusterError(
+                f"Worker {index} could not reach all {self.num_workers} workers "
+                f"{self.workers} within {register_timeout_seconds:.0f} s: "
+                f"{error.message.splitlines()[0]}"
+            ) from None
+        self.device = f"/job:worker/replica:0/task:{index}/device:CPU:0"
+        devices_lib.set_local_task("worker", index)
+        self._instance_key = 0
+
+    @property
+    def is_chief(self):
+        return self.worker_index == 0
+
+    def __repr__(self):
+        return (
+            f"Cluster(worker {self.worker_index} of {self.num_workers}, "
+            f"workers={self.workers})"
+        )
+
+    # ------------------------------------------------------------ batch rows
+    def _bounds(self, global_size):
+        """(start, stop) of every worker's rows of a global batch."""
+        return slicing.slice_bounds(tf.cast(global_size, tf.int32), self.num_workers)
+
+    def local_rows(self, structure, global_size=None):
+        """This worker's contiguous share of every tensor of a global batch."""
+        if global_size is None:
+            global_size = slicing.batch_size_of(structure)
+        start, stop = self._bounds(global_size)[self.worker_index]
+        return tree.map_structure(lambda t: None if t is None else t[start:stop], structure)
+
+    def local_rows_of_gathered(self, tensor, global_size):
+        """This worker's rows of a tensor shaped like a gathered global batch."""
+        start, stop = self._bounds(global_size)[self.worker_index]
+        return tensor[start:stop]
+
+    # ------------------------------------------------------------ collectives
+    def _next_key(self):
+        # Every worker traces the same functions in the same order, so the n-th
+        # collective of each worker gets the same key.
+        self._instance_key += 1
+        return self._instance_key
+
+    def same_keys_per_branch(self, branches):
+        """Wrap the branches of a switch so that each issues the same collective keys.
+
+        Workers may take different branches in one step (their shares of a batch can
+        differ by one sample, and so their replica counts); a collective is matched
+        across workers by its key, so the n-th collective of every branch shares one.
+        """
+        start = self._instance_key
+        ends = []
+
+        def wrap(branch):
+            def run():
+                self._instance_key = start
+                result = branch()
+                ends.append(self._instance_key)
+                self._instance_key = max(ends)
+                return result
+
+            return run
+
+        return [wrap(branch) for branch in branches]
+
+    def _gather(self, tensor, global_size):
+        """Concatenate every worker's rows, in worker order (shares may differ by one)."""
+        global_size = tf.cast(global_size, tf.int32)
+        bounds = self._bounds(global_size)
+        sizes = tf.stack([stop - start for start, stop in bounds])
+        longest = tf.reduce_max(sizes)
+        padding = [[0, longest - tf.shape(tensor)[0]]] + [[0, 0]] * (len(tensor.shape) - 1)
+        with tf.device(self.device):
+            gathered = tf.raw_ops.CollectiveGatherV2(
+                input=tf.pad(tensor, padding),
+                group_size=self.num_workers,
+                group_key=_GROUP_KEY,
+                # TensorFlow fixes a collective's shape on first use of its key, and the
+                # gathered shape follows the batch size (the last batch of an epoch is
+                # shorter): each batch size gets its own key.
+                instance_key=self._next_key() * _BATCH_KEYS + global_size % _BATCH_KEYS,
+                ordering_token=[],
+                communication_hint="ring",
+                timeout_seconds=self.timeout_seconds,
+            )
+        keep = tf.reshape(tf.sequence_mask(sizes, longest), [-1])
+        return tf.boolean_mask(gathered, keep)
+
+    def gather_structure(self, structure, global_size):
+        """Gather every leaf (with its Keras logits and mask) from all workers."""
+        def join(parts):
+            return self._gather(parts[0], global_size)
+
+        return tree.map_structure(lambda leaf: slicing.join_leaf([leaf], join), structure)
+
+    def all_reduce_sum(self, tensors):
+        """Sum each tensor over the workers (None stays None), one collective per dtype."""
+        dense = [
+            None if t is None else tf.convert_to_tensor(t) for t in tensors
+        ]
+        result = list(dense)
+        by_dtype = {}
+        for position, tensor in enumerate(dense):
+            if tensor is not None:
+                by_dtype.setdefault(tensor.dtype, []).append(position)
+        for positions in by_dtype.values():
+            flat = tf.concat([tf.reshape(dense[p], [-1]) for p in positions], axis=0)
+            with tf.device(self.device):
+                total = tf.raw_ops.CollectiveReduceV2(
+                    input=flat,
+                    group_size=self.num_workers,
+                    group_key=_GROUP_KEY,
+                    instance_key=self._next_key() * _BATCH_KEYS,
+                    ordering_token=[],
+                    merge_op="Add",
+                    final_op="Id",
+                    communication_hint="ring",
+                    timeout_seconds=self.timeout_seconds,
+                )
+            sizes = [tf.size(dense[p]) for p in positions]
+            for p, piece in zip(positions, tf.split(total, sizes)):
+                result[p] = tf.reshape(piece, tf.shape(dense[p]))
+        return result
+
+    def combine_state(self, variables, values):
+        """Sum the workers' (already batch-weighted) float state updates."""
+        floats = [
+            v if (v is not None and var.dtype.startswith(("float", "bfloat"))) else None
+            for var, v in zip(variables, values)
+        ]
+        summed = self.all_reduce_sum(floats)
+        return [s if s is not None else v for s, v in zip(summed, values)]
