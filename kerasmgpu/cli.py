@@ -1,0 +1,79 @@
+"""The `kerasmgpu` command line: one subcommand per module.
+
+Each command module exposes `add_parser(subparsers)`, which adds its subparser and sets
+`run=<function taking the parsed args>` as a default. `main` builds the parser from the
+modules listed in `COMMAND_MODULES`, imported only when the parser is built, so adding a
+command is one line here and one function in its module.
+
+Errors in what the user asked for (a flag value, a model name, a device count) are raised
+as `UsageError` and reported as `kerasmgpu <command>: error: ...` with exit status 2, the
+way argparse reports a malformed flag.
+"""
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "kerasmgpu.bench",
+    "kerasmgpu.scaling",
+)
+
+
+class UsageError(ValueError):
+    """A command-line request that cannot be carried out (reported without a traceback)."""
+
+
+def build_parser():
+    """The `kerasmgpu` argument parser with every command module's subcommand.
+
+    Returns:
+        An `argparse.ArgumentParser`.
+
+    Example:
+
+    ```python
+    args = build_parser().parse_args(["bench", "--devices", "1,2"])
+    ```
+    """
+    parser = argparse.ArgumentParser(
+        prog="kerasmgpu",
+        description="kerasmgpu: multi_gpu_model for Keras 3 (benchmarks and tools).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv=None):
+    """Run the `kerasmgpu` command line.
+
+    Args:
+        argv: the arguments (without the program name); default `sys.argv[1:]`.
+
+    Returns:
+        The exit status (0 on success). Usage errors exit with status 2 through
+        `SystemExit`, as argparse does.
+
+    Example:
+
+    ```python
+    from kerasmgpu import cli
+    cli.main(["bench", "--devices", "1,2", "--steps", "5"])
+    ```
+    """
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    run = getattr(args, "run", None)
+    if run is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return run(args) or 0
+    except UsageError as error:
+        args.command_parser.error(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
