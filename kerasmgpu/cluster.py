@@ -23,8 +23,11 @@ The cluster is joined on `import kerasmgpu` when TF_CONFIG names more than one t
 thing in the script.
 """
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import tensorflow as tf
 from keras import tree
@@ -184,6 +187,13 @@ class Cluster:
             implementation=tf.distribute.experimental.CommunicationImplementation.RING,
             timeout_seconds=timeout_seconds,
         )
+        # TensorFlow may wait for ever for a worker that never starts: a watchdog process
+        # ends this one with a clear message instead (see _watchdog.py).
+        watchdog = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "_watchdog.py"),
+             str(os.getpid()), str(register_timeout_seconds), str(index), *self.workers],
+            stdin=subprocess.PIPE,
+        )
         try:
             # The strategy starts this worker's server and enables TensorFlow's
             # collective ops; kerasmgpu then issues its collectives itself.
@@ -193,9 +203,11 @@ class Cluster:
         except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as error:
             raise ClusterError(
                 f"Worker {index} could not reach all {self.num_workers} workers "
-                f"{self.workers} within {register_timeout_seconds:.0f} s: "
-                f"{error.message.splitlines()[0]}"
+                f"{self.workers}: {error.message.splitlines()[0]}"
             ) from None
+        finally:
+            watchdog.stdin.close()
+            watchdog.wait()
         self.device = f"/job:worker/replica:0/task:{index}/device:CPU:0"
         devices_lib.set_local_task("worker", index)
         self._instance_key = 0
@@ -209,6 +221,26 @@ class Cluster:
             f"Cluster(worker {self.worker_index} of {self.num_workers}, "
             f"workers={self.workers})"
         )
+
+    @contextlib.contextmanager
+    def translate_errors(self, what):
+        """Turn a collective failing (a peer died or hung) into a ClusterError."""
+        try:
+            yield
+        except (
+            tf.errors.UnavailableError,
+            tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError,
+            tf.errors.AbortedError,
+            tf.errors.InternalError,
+        ) as error:
+            first_line = (error.message or str(error)).strip().splitlines()[0][:300]
+            raise ClusterError(
+                f"Worker {self.worker_index} of {self.num_workers} stopped during {what}(): "
+                "another worker failed or stopped answering "
+                f"(TensorFlow: {type(error).__name__}: {first_line}). Restart all workers; "
+                "with keras.callbacks.BackupAndRestore, training resumes from the last backup."
+            ) from None
 
     # ------------------------------------------------------------ batch rows
     def _bounds(self, global_size):

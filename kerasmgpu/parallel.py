@@ -482,12 +482,43 @@ class ParallelModel(keras.Model):
 
     # --------------------------------------------------------- saving (template)
     def save(self, filepath, overwrite=True, **kwargs):
-        """Save the template (not the wrapper): the file loads with plain Keras."""
-        return self.template.save(filepath, overwrite=overwrite, **kwargs)
+        """Save the template (not the wrapper): the file loads with plain Keras.
+
+        On a cluster only the chief (worker 0) writes; the others' weights are the same.
+        """
+        if self._writes_files():
+            return self.template.save(filepath, overwrite=overwrite, **kwargs)
+        return None
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
-        """Save the template's weights."""
-        return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
+        """Save the template's weights (on a cluster, only the chief writes)."""
+        if self._writes_files():
+            return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
+        return None
+
+    def _writes_files(self):
+        return self._cluster is None or self._cluster.is_chief
+
+    # ------------------------------------------------------- training on a cluster
+    def fit(self, *args, callbacks=None, **kwargs):
+        if self._cluster is None:
+            return super().fit(*args, callbacks=callbacks, **kwargs)
+        if not self._cluster.is_chief:
+            callbacks = [_read_only_backup(c) for c in (callbacks or [])]
+        with self._cluster.translate_errors("fit"):
+            return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        if self._cluster is None:
+            return super().evaluate(*args, **kwargs)
+        with self._cluster.translate_errors("evaluate"):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        if self._cluster is None:
+            return super().predict(*args, **kwargs)
+        with self._cluster.translate_errors("predict"):
+            return super().predict(*args, **kwargs)
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Load weights saved from the template (or from a ParallelModel) into the template."""
@@ -522,6 +553,18 @@ def _replica_state(non_trainable, replica):
             value = value + offset
         values.append(value)
     return values
+
+
+def _read_only_backup(callback):
+    """On a worker other than the chief, a BackupAndRestore restores but never writes.
+
+    Every worker restores the same backup when a cluster restarts; only the chief keeps
+    it up to date and deletes it at the end, so workers never race on its files.
+    """
+    if isinstance(callback, keras.callbacks.BackupAndRestore):
+        callback._save_model = lambda: None
+        callback.on_train_end = lambda logs=None: None
+    return callback
 
 
 def _with_logits(tensor):
@@ -637,7 +680,9 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False):
     ```
     """
     _check_template(model)
-    devices = devices_lib.resolve_devices(gpus, minimum=2)
+    # On a cluster the devices are counted over all workers: one per worker is enough.
+    minimum = 2 if cluster_lib.current() is None else 1
+    devices = devices_lib.resolve_devices(gpus, minimum=minimum)
     if cpu_relocation:
         relocate_variables(model, devices_lib.host_device())
     return ParallelModel(model, devices, cpu_merge=cpu_merge)
