@@ -17,6 +17,7 @@ import sys
 COMMAND_MODULES = (
     "kerasmgpu.bench",
     "kerasmgpu.scaling",
+    "kerasmgpu.launch",
 )
 
 
