@@ -162,3 +162,22 @@ def test_bad_tf_config_fails_at_import_with_its_message():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert 'TF_CONFIG must have a "task" entry' in result.stderr
+
+
+def test_zoo_train_runs_under_the_launcher_and_only_the_chief_writes(tmp_path):
+    output = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KERASMGPU", "TF_CONFIG"))}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    result = subprocess.run(
+        [sys.executable, "-m", "kerasmgpu.launch", "--workers", "2", "--", sys.executable,
+         "-m", "zoo.train", "--model", "mnist_mlp", "--dataset", "digits", "--epochs", "1",
+         "--output", str(output)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    tests = [line.split("test: ", 1)[1] for line in result.stdout.splitlines() if "test: " in line]
+    assert len(tests) == 2 and tests[0] == tests[1]  # global metrics, equal on both workers
+    assert result.stdout.count("wrote ") == 1
+    record = json.loads((output / "history.json").read_text())
+    assert record["devices"] == ["/job:worker/replica:0/task:0/device:CPU:0"]
+    assert (output / "model.keras").exists()

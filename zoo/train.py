@@ -71,8 +71,10 @@ def wrap(model, gpus=1):
             f"wrap expects a compiled model (with an optimizer and a loss), as zoo.get "
             f"returns. Received: the uncompiled model {getattr(model, 'name', model)!r}"
         )
-    if gpus == 1:
+    if gpus == 1 and kerasmgpu.cluster.current() is None:
         return model
+    # On a cluster even one device per worker trains through a ParallelModel, which
+    # all-reduces gradients across the workers.
     parallel = kerasmgpu.multi_gpu_model(model, gpus=gpus)
     parallel.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
     return parallel
@@ -145,9 +147,10 @@ class _RandomStateBackup(keras.callbacks.Callback):
     puts them back when training resumes.
     """
 
-    def __init__(self, backup_dir, template):
+    def __init__(self, backup_dir, template, writes=True):
         super().__init__()
         self.backup_dir = backup_dir
+        self.writes = writes
         self.states = [
             v for v in template.non_trainable_variables if "seed_generator" in v.path
         ]
@@ -167,6 +170,8 @@ class _RandomStateBackup(keras.callbacks.Callback):
                     variable.assign(saved[f"state_{index}"])
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.writes:
+            return
         os.makedirs(self.backup_dir, exist_ok=True)
         np.savez(
             self._path(epoch + 1),
@@ -193,9 +198,10 @@ def _changed_settings(previous, current):
 class _JsonHistory(keras.callbacks.Callback):
     """Keeps `history.json` up to date after every epoch, across interruptions."""
 
-    def __init__(self, path, settings, resume):
+    def __init__(self, path, settings, resume, writes=True):
         super().__init__()
         self.path = path
+        self.writes = writes
         self.record = {"settings": settings, "epoch": [], "history": {}}
         if resume and os.path.exists(path):
             with open(path) as f:
@@ -217,6 +223,8 @@ class _JsonHistory(keras.callbacks.Callback):
         self.write()
 
     def write(self):
+        if not self.writes:
+            return
         temporary = self.path + ".tmp"
         with open(temporary, "w") as f:
             json.dump(self.record, f, indent=2)
@@ -419,14 +427,17 @@ def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAUL
                 f"differ ({described}). Use the same flags (only --epochs and --gpus may "
                 "change), or another --output."
             )
-    history = _JsonHistory(history_path, settings, resume)
+    # On a cluster every worker runs this function; only the chief (worker 0) writes.
+    cluster = kerasmgpu.cluster.current()
+    writes = cluster is None or cluster.is_chief
+    history = _JsonHistory(history_path, settings, resume, writes=writes)
     uses_ema = bool(getattr(template.optimizer, "use_ema", False))
     evaluation_callbacks = [keras.callbacks.SwapEMAWeights()] if uses_ema else []
     run_callbacks = [
         _StreamPosition(start_batch, steps),
         *evaluation_callbacks,
         history,
-        _RandomStateBackup(backup_dir, template),  # before BackupAndRestore's save
+        _RandomStateBackup(backup_dir, template, writes=writes),  # before BackupAndRestore
         keras.callbacks.BackupAndRestore(backup_dir),
         *callbacks,
     ]
@@ -443,7 +454,8 @@ def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAUL
         train_data, epochs=epochs, steps_per_epoch=steps, validation_data=test_data,
         callbacks=run_callbacks, verbose=verbose, shuffle=False,  # the stream is shuffled
     )
-    template.save(os.path.join(output, "model.keras"))
+    if writes:
+        template.save(os.path.join(output, "model.keras"))
     test = trainer.evaluate(
         test_data, callbacks=[keras.callbacks.SwapEMAWeights()] if uses_ema else None,
         return_dict=True, verbose=0,
@@ -451,7 +463,8 @@ def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAUL
     history.record["test"] = {key: float(value) for key, value in test.items()}
     history.record["test_uses_moving_average"] = uses_ema
     history.write()
-    plot_curves(history.record, os.path.join(output, "curves.png"))
+    if writes:
+        plot_curves(history.record, os.path.join(output, "curves.png"))
     return history.record
 
 
@@ -493,7 +506,9 @@ def main(argv=None):
     test = ", ".join(f"{key} {value:.4f}" for key, value in record["test"].items())
     weights = " (moving average of the weights)" if record["test_uses_moving_average"] else ""
     print(f"test{weights}: {test}")
-    print(f"wrote {os.path.join(args.output, 'model.keras')}, history.json and curves.png")
+    cluster = kerasmgpu.cluster.current()
+    if cluster is None or cluster.is_chief:
+        print(f"wrote {os.path.join(args.output, 'model.keras')}, history.json and curves.png")
     return 0
 
 
