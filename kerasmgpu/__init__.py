@@ -6,12 +6,15 @@ Public API:
     simulate_devices(n)
     visible_devices()
     slice_sizes(batch_size, num_replicas)
+    split_model(model, devices, boundaries=None, microbatches=1) -> SplitModel
+    cluster: multi-worker training (TF_CONFIG)
 """
 
 from kerasmgpu import cluster
 from kerasmgpu.devices import simulate_devices, simulate_devices_from_env, visible_devices
 from kerasmgpu.parallel import ParallelModel, multi_gpu_model
 from kerasmgpu.slicing import slice_sizes
+from kerasmgpu.split import SplitModel, split_model
 
 __version__ = "0.1.0"
 
@@ -20,9 +23,11 @@ cluster.connect_from_environment()
 
 __all__ = [
     "ParallelModel",
+    "SplitModel",
     "cluster",
     "multi_gpu_model",
     "simulate_devices",
     "slice_sizes",
+    "split_model",
     "visible_devices",
 ]

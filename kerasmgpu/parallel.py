@@ -37,10 +37,10 @@ from keras import tree
 
 from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
-from kerasmgpu import slicing
+from kerasmgpu import slicing, wrapped
 
 
-class ParallelModel(keras.Model):
+class ParallelModel(wrapped.TemplateTrainer):
     """A Keras model that runs its template on several devices at once.
 
     `ParallelModel` is a `keras.Model`: compile, fit, evaluate, predict and the
@@ -74,15 +74,10 @@ class ParallelModel(keras.Model):
             resolved = devices_lib.visible_devices()
         else:
             resolved = devices_lib.resolve_devices(devices, minimum=1)
-        super().__init__(name=name or f"{template.name}_parallel")
-        self.template = template
+        super().__init__(template, name=name or f"{template.name}_parallel")
         self._replica_devices = tuple(resolved)
         self.cpu_merge = bool(cpu_merge)
-        self._step_losses = None
         self._cluster = cluster_lib.current()
-        if hasattr(template, "output_names"):
-            self.output_names = template.output_names
-        self.built = True
 
     # ----------------------------------------------------------------- properties
     @property
@@ -95,52 +90,8 @@ class ParallelModel(keras.Model):
         """Where outputs are concatenated and the loss is computed."""
         return devices_lib.host_device() if self.cpu_merge else self._replica_devices[0]
 
-    @property
-    def losses(self):
-        # During a step the towers' losses are collected by hand (the template runs
-        # statelessly); `compute_loss` reads them here.
-        if self._step_losses is not None:
-            return list(self._step_losses)
-        return super().losses
-
-    # ---------------------------------------------------------------- compilation
-    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None,
-                weighted_metrics=None, run_eagerly=False, steps_per_execution=1,
-                jit_compile="auto", auto_scale_loss=True):
-        """Configure training as `keras.Model.compile` does.
-
-        `jit_compile`: XLA compiles a whole step into one program for one device, which
-        would undo the per-device placement. With more than one device, "auto" resolves
-        to False and True is an error. With one device it is passed to Keras unchanged.
-
-        The template is compiled with the same optimizer object, loss and metrics, so
-        that a saved template carries the training configuration and optimizer state.
-        """
-        if len(self._replica_devices) > 1:
-            if jit_compile is True:
-                raise ValueError(
-                    "jit_compile=True is not supported with more than one device: XLA would "
-                    "compile the replicas of all "
-                    f"{len(self._replica_devices)} devices into one program for one device. "
-                    "Use jit_compile=False (or 'auto', which resolves to False here). "
-                    f"Received: jit_compile={jit_compile!r}"
-                )
-            if jit_compile not in ("auto", False, None):
-                raise ValueError(
-                    "jit_compile must be True, False or 'auto'. "
-                    f"Received: jit_compile={jit_compile!r}"
-                )
-            jit_compile = False
-        super().compile(
-            optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
-            weighted_metrics=weighted_metrics, run_eagerly=run_eagerly,
-            steps_per_execution=steps_per_execution, jit_compile=jit_compile,
-            auto_scale_loss=auto_scale_loss,
-        )
-        self.template.compile(
-            optimizer=self.optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
-            weighted_metrics=weighted_metrics, jit_compile=False,
-        )
+    def _device_count(self):
+        return len(self._replica_devices)
 
     # ----------------------------------------------------------------- the steps
     def call(self, inputs, training=False):
@@ -152,9 +103,6 @@ class ParallelModel(keras.Model):
                 stacklevel=2,
             )
         return self._dispatch(inputs, lambda k, size: self._predict_towers(k, size, inputs))
-
-    def compute_output_spec(self, inputs, training=False, mask=None):
-        return self.template.compute_output_spec(inputs)
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -184,33 +132,18 @@ class ParallelModel(keras.Model):
         x_local = self._worker_share(x)
         global_size = slicing.batch_size_of(x)
         variables = self.template.trainable_variables
-        slots = {}
+        optional = wrapped.OptionalOutputs("replica counts")
 
         def towers(num_replicas, local_size):
             loss, y_pred, gradients, state = self._train_towers(
                 num_replicas, local_size, global_size, x_local, y, sample_weight
             )
-            # Branches of a switch must return tensors: drop the gradients that are None
-            # and the state nothing changed, and remember which they were.
-            pattern = (
-                tuple(g is not None for g in gradients),
-                tuple(v is not None for v in state),
-            )
-            if slots.setdefault("pattern", pattern) != pattern:
-                raise RuntimeError(
-                    "The template's gradients or state updates differ between replica "
-                    "counts; it cannot be run by ParallelModel."
-                )
-            return (
-                loss,
-                y_pred,
-                [g for g in gradients if g is not None],
-                [v for v in state if v is not None],
-            )
+            # Branches of a switch must return tensors: the gradients that are None and
+            # the state nothing changed are left out, and put back after.
+            return (loss, y_pred, *optional.pack(gradients, state))
 
         loss, y_pred, packed_gradients, packed_state = self._dispatch(x_local, towers)
-        gradients = _unpack(packed_gradients, slots["pattern"][0])
-        state = _unpack(packed_state, slots["pattern"][1])
+        gradients, state = optional.unpack(packed_gradients, packed_state)
         if self._cluster is not None:
             gradients = self._cluster.all_reduce_sum(gradients)
             state = self._cluster.combine_state(self.template.non_trainable_variables, state)
@@ -404,7 +337,7 @@ class ParallelModel(keras.Model):
         for j, variable in enumerate(trainable):
             parts_j = [grads[j] for grads in replica_grads] + [regularization_grads[j]]
             with tf.device(variable.value.device):
-                gradients.append(_sum_gradients(parts_j))
+                gradients.append(wrapped.sum_gradients(parts_j))
 
         new_state = self._combine_state(non_trainable, state_inputs, states, shares)
         return loss, y_pred, gradients, new_state
@@ -428,15 +361,6 @@ class ParallelModel(keras.Model):
             return [tf.constant(1.0)]
         total = tf.cast(batch_size, tf.float32)
         return [tf.cast(slicing.batch_size_of(part), tf.float32) / total for part in parts]
-
-    def _loss_with(self, extra_losses, x, y, y_pred, sample_weight, training):
-        self._step_losses = extra_losses
-        try:
-            return self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-            )
-        finally:
-            self._step_losses = None
 
     def _weight_regularization_count(self):
         return sum(
@@ -480,22 +404,6 @@ class ParallelModel(keras.Model):
                 combined.append(tf.add_n(weighted))
         return combined
 
-    # --------------------------------------------------------- saving (template)
-    def save(self, filepath, overwrite=True, **kwargs):
-        """Save the template (not the wrapper): the file loads with plain Keras.
-
-        On a cluster only the chief (worker 0) writes; the others' weights are the same.
-        """
-        if self._writes_files():
-            return self.template.save(filepath, overwrite=overwrite, **kwargs)
-        return None
-
-    def save_weights(self, filepath, overwrite=True, **kwargs):
-        """Save the template's weights (on a cluster, only the chief writes)."""
-        if self._writes_files():
-            return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
-        return None
-
     def _writes_files(self):
         return self._cluster is None or self._cluster.is_chief
 
@@ -520,39 +428,15 @@ class ParallelModel(keras.Model):
         with self._cluster.translate_errors("predict"):
             return super().predict(*args, **kwargs)
 
-    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
-        """Load weights saved from the template (or from a ParallelModel) into the template."""
-        return self.template.load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
-
-    def export(self, filepath, format="tf_saved_model", **kwargs):
-        """Export the template for inference."""
-        return self.template.export(filepath, format=format, **kwargs)
-
-    def get_config(self):
-        raise NotImplementedError(
-            "A ParallelModel is not serialized itself: save() and ModelCheckpoint write its "
-            "template, which loads with keras.saving.load_model(); wrap it again after loading."
-        )
-
 
 # ---------------------------------------------------------------------------------
 # Per-replica state: which tensor each replica starts from.
 
-def _is_seed_state(variable):
-    return "seed_generator_state" in variable.path and not variable.dtype.startswith("float")
-
-
 def _replica_state(non_trainable, replica):
     """The values replica `replica` starts from: the variables' values, with RNG seeds
     offset by the replica index so that replicas draw different random numbers."""
-    values = []
-    for variable in non_trainable:
-        value = tf.convert_to_tensor(variable)
-        if replica and _is_seed_state(variable):
-            offset = tf.constant([replica] + [0] * (variable.shape[0] - 1), variable.dtype)
-            value = value + offset
-        values.append(value)
-    return values
+    values = [tf.convert_to_tensor(variable) for variable in non_trainable]
+    return wrapped.offset_seeds(non_trainable, values, replica)
 
 
 def _read_only_backup(callback):
@@ -572,33 +456,11 @@ def _with_logits(tensor):
     return (tensor, slicing.logits_of(tensor))
 
 
-def _unpack(packed, present):
-    packed = iter(packed)
-    return [next(packed) if flag else None for flag in present]
-
-
 def _sum_or_zero(tensors):
     tensors = [tf.reduce_sum(tf.cast(t, keras.config.floatx())) for t in tensors]
     if not tensors:
         return tf.zeros((), keras.config.floatx())
     return tf.add_n(tensors)
-
-
-def _sum_gradients(parts):
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    if any(isinstance(p, tf.IndexedSlices) for p in parts):
-        if all(isinstance(p, tf.IndexedSlices) for p in parts):
-            return tf.IndexedSlices(
-                tf.concat([p.values for p in parts], axis=0),
-                tf.concat([p.indices for p in parts], axis=0),
-                parts[0].dense_shape,
-            )
-        parts = [tf.convert_to_tensor(p) for p in parts]
-    return tf.add_n(parts)
 
 
 def _check_template(template):

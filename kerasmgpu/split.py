@@ -37,6 +37,7 @@ that stage's list. The stage's variables live on its first device; each other de
 copies them once per step, and gradients are summed on the first.
 """
 
+import contextlib
 import warnings
 
 import keras
@@ -44,12 +45,12 @@ import tensorflow as tf
 from keras import tree
 
 from kerasmgpu import devices as devices_lib
-from kerasmgpu import slicing
+from kerasmgpu import slicing, wrapped
 from kerasmgpu.parallel import relocate_variables
 from kerasmgpu.split_plan import Plan
 
 
-class SplitModel(keras.Model):
+class SplitModel(wrapped.TemplateTrainer):
     """A Keras model whose layers run as a pipeline of stages, one stage per device.
 
     Built by `split_model`. It compiles, trains, evaluates and predicts as a Keras model;
@@ -78,20 +79,15 @@ class SplitModel(keras.Model):
     """
 
     def __init__(self, template, plan, cuts, stage_devices, microbatches, name=None):
-        super().__init__(name=name or f"{template.name}_split")
-        self.template = template
+        super().__init__(template, name=name or f"{template.name}_split")
         self._plan = plan
         self._stages = plan.stages(cuts)
         self._grid = tuple(tuple(row) for row in stage_devices)
         self._replicas = len(self._grid[0])
         self.microbatches = int(microbatches)
-        self._step_losses = None
-        if hasattr(template, "output_names"):
-            self.output_names = template.output_names
         for stage, row in zip(self._stages, self._grid):
             for variable in stage.variables:
                 relocate_variables(_Holder(variable), row[0])
-        self.built = True
 
     # ----------------------------------------------------------------- properties
     @property
@@ -110,14 +106,6 @@ class SplitModel(keras.Model):
     def boundaries(self):
         """The name of the first layer of each stage after the first."""
         return [stage.layer_names[0] for stage in self._stages[1:]]
-
-    @property
-    def losses(self):
-        # During a step the stages' losses are collected by hand (layers run
-        # statelessly); `compute_loss` reads them here.
-        if self._step_losses is not None:
-            return list(self._step_losses)
-        return super().losses
 
     def stage_report(self):
         """Per-stage memory figures, one dict per stage.
@@ -156,42 +144,8 @@ class SplitModel(keras.Model):
         for line in format_report(self.stage_report(), self.microbatches):
             print_fn(line)
 
-    # ---------------------------------------------------------------- compilation
-    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None,
-                weighted_metrics=None, run_eagerly=False, steps_per_execution=1,
-                jit_compile="auto", auto_scale_loss=True):
-        """Configure training as `keras.Model.compile` does.
-
-        `jit_compile`: XLA compiles a step into one program for one device, which would
-        undo the placement of the stages; with more than one device "auto" resolves to
-        False and True is an error. The split model is compiled with the same optimizer
-        object, so a saved model carries the training configuration and optimizer state.
-        """
-        distinct = {d for row in self._grid for d in row}
-        if len(distinct) > 1:
-            if jit_compile is True:
-                raise ValueError(
-                    "jit_compile=True is not supported by a split model: XLA would compile "
-                    f"the stages of all {len(distinct)} devices into one program for one "
-                    "device. Use jit_compile=False (or 'auto', which resolves to False "
-                    f"here). Received: jit_compile={jit_compile!r}"
-                )
-            if jit_compile not in ("auto", False, None):
-                raise ValueError(
-                    "jit_compile must be True, False or 'auto'. "
-                    f"Received: jit_compile={jit_compile!r}"
-                )
-            jit_compile = False
-        super().compile(
-            optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
-            weighted_metrics=weighted_metrics, run_eagerly=run_eagerly,
-            steps_per_execution=steps_per_execution, jit_compile=jit_compile,
-            auto_scale_loss=auto_scale_loss,
-        )
-        self.template.compile(
-            optimizer=self.optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
-            weighted_metrics=weighted_metrics, jit_compile=False,
-        )
+    def _device_count(self):
+        return len({device for row in self._grid for device in row})
 
     # ------------------------------------------------------------------ the steps
     def call(self, inputs, training=False):
@@ -204,9 +158,6 @@ class SplitModel(keras.Model):
             )
         flat = self._standardize(inputs)
         return self._dispatch(flat, lambda n: self._predict_pipeline(flat, n, training))
-
-    def compute_output_spec(self, inputs, training=False, mask=None):
-        return self.template.compute_output_spec(inputs)
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -229,33 +180,18 @@ class SplitModel(keras.Model):
         flat = self._standardize(x)
         trainable = [v for stage in self._stages for v in stage.trainable]
         non_trainable = [v for stage in self._stages for v in stage.non_trainable]
-        layout = {}
+        optional = wrapped.OptionalOutputs("micro-batch counts")
 
         def pipeline(num_slices):
             loss, y_pred, gradients, state = self._train_pipeline(
                 flat, num_slices, x, y, sample_weight
             )
-            # Both branches of a switch must return tensors: drop the gradients that are
-            # None and the state nothing changed, and remember which they were.
-            present = (
-                tuple(g is not None for g in gradients),
-                tuple(s is not None for s in state),
-            )
-            if layout.setdefault("present", present) != present:
-                raise RuntimeError(
-                    "The model's gradients or state updates differ between micro-batch "
-                    "counts; it cannot be pipelined."
-                )
-            return (
-                loss,
-                y_pred,
-                [g for g in gradients if g is not None],
-                [s for s in state if s is not None],
-            )
+            # Both branches of a switch must return tensors: the gradients that are None
+            # and the state nothing changed are left out, and put back after.
+            return (loss, y_pred, *optional.pack(gradients, state))
 
         loss, y_pred, packed_gradients, packed_state = self._dispatch(flat, pipeline)
-        gradients = _unpack(packed_gradients, layout["present"][0])
-        state = _unpack(packed_state, layout["present"][1])
+        gradients, state = optional.unpack(packed_gradients, packed_state)
         if trainable:
             pairs = [(g, v) for g, v in zip(gradients, trainable) if g is not None]
             self.optimizer.apply_gradients(pairs)
@@ -301,7 +237,7 @@ class SplitModel(keras.Model):
             for stage in self._stages:
                 run = self._run_stage(
                     stage, i, available, weights[stage.index][self._replica_of(i)],
-                    _slice_state(stage.non_trainable, states[stage.index], i),
+                    wrapped.offset_seeds(stage.non_trainable, states[stage.index], i),
                     training, record,
                 )
                 available.update(run.exports)
@@ -344,7 +280,7 @@ class SplitModel(keras.Model):
                 if tensors[id(t)].dtype.is_floating
             ]
             tape = tf.GradientTape(watch_accessed_variables=False) if record else None
-            with tape if record else _nothing():
+            with tape if record else contextlib.nullcontext():
                 if record:
                     tape.watch([value for _, value in run.received])
                     tape.watch(weights)
@@ -492,7 +428,9 @@ class SplitModel(keras.Model):
         gradients, new_state = [], []
         for stage, row in zip(self._stages, self._grid):
             with tf.device(row[0]), tf.name_scope(f"stage_{stage.index}/accumulate"):
-                gradients.extend(_sum_gradients(parts) for parts in weight_grads[stage.index])
+                gradients.extend(
+                    wrapped.sum_gradients(parts) for parts in weight_grads[stage.index]
+                )
                 new_state.extend(
                     _combine_state(
                         stage.non_trainable,
@@ -511,39 +449,6 @@ class SplitModel(keras.Model):
 
     def _standardize(self, inputs):
         return self._plan.graph._standardize_inputs(inputs)
-
-    def _loss_with(self, extra_losses, x, y, y_pred, sample_weight, training):
-        self._step_losses = extra_losses
-        try:
-            return self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-            )
-        finally:
-            self._step_losses = None
-
-    # --------------------------------------------------------- saving (the model)
-    def save(self, filepath, overwrite=True, **kwargs):
-        """Save the split model as an ordinary Keras model (plain Keras loads it)."""
-        return self.template.save(filepath, overwrite=overwrite, **kwargs)
-
-    def save_weights(self, filepath, overwrite=True, **kwargs):
-        """Save the split model's weights (readable by the unsplit model)."""
-        return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
-
-    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
-        """Load weights into the split model's variables, which stay on their devices."""
-        return self.template.load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
-
-    def export(self, filepath, format="tf_saved_model", **kwargs):
-        """Export the model for inference."""
-        return self.template.export(filepath, format=format, **kwargs)
-
-    def get_config(self):
-        raise NotImplementedError(
-            "A SplitModel is not serialized itself: save() and ModelCheckpoint write the "
-            "model it splits, which loads with keras.saving.load_model(); split it again "
-            "after loading."
-        )
 
 
 def split_model(model, devices, boundaries=None, microbatches=1):
@@ -673,14 +578,6 @@ class _Holder:
         self.variables = [variable]
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _resolve_grid(devices):
     if isinstance(devices, (list, tuple)) and devices and all(
         isinstance(row, (list, tuple)) for row in devices
@@ -727,24 +624,6 @@ def _unpack_singleton(structure):
     return structure
 
 
-def _is_seed_state(variable):
-    return "seed_generator_state" in variable.path and not variable.dtype.startswith("float")
-
-
-def _slice_state(non_trainable, values, slice_index):
-    """Slice i starts from the state values, with random seeds offset by i (so no two
-    micro-batches share a dropout mask)."""
-    if not slice_index:
-        return values
-    shifted = []
-    for variable, value in zip(non_trainable, values):
-        if _is_seed_state(variable):
-            offset = [slice_index] + [0] * (variable.shape[0] - 1)
-            value = value + tf.constant(offset, value.dtype)
-        shifted.append(value)
-    return shifted
-
-
 def _combine_state(non_trainable, runs, sizes, batch_size):
     """One update per variable: a size-weighted mean (floats) or slice 0's (ints).
 
@@ -764,23 +643,3 @@ def _combine_state(non_trainable, runs, sizes, batch_size):
             tf.add_n([v * (tf.cast(s, variable.dtype) / total) for v, s in zip(values, sizes)])
         )
     return combined
-
-
-def _unpack(packed, present):
-    packed = iter(packed)
-    return [next(packed) if flag else None for flag in present]
-
-
-def _sum_gradients(parts):
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    if all(isinstance(p, tf.IndexedSlices) for p in parts):
-        return tf.IndexedSlices(
-            tf.concat([p.values for p in parts], axis=0),
-            tf.concat([p.indices for p in parts], axis=0),
-            parts[0].dense_shape,
-        )
-    return tf.add_n([tf.convert_to_tensor(p) for p in parts])

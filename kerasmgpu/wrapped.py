@@ -1,0 +1,187 @@
+"""What data and model parallelism share: a Keras model that trains a template it wraps.
+
+`ParallelModel` (replicas) and `SplitModel` (pipeline stages) are both `keras.Model`s
+whose variables are their template's: they compile like Keras models (with `jit_compile`
+resolved so XLA never spans devices), compute the compiled loss once on the merged
+outputs with the losses they collected by hand, and save, load and export through the
+template, so files are ordinary Keras files. The helpers below are the step pieces both
+use: gradient sums, seed offsets, and the packing of a switch's optional outputs.
+"""
+
+import keras
+import tensorflow as tf
+
+
+class TemplateTrainer(keras.Model):
+    """Base class: a model that runs `template` on several devices and trains its variables."""
+
+    def __init__(self, template, name):
+        super().__init__(name=name)
+        self.template = template
+        self._step_losses = None
+        if hasattr(template, "output_names"):
+            self.output_names = template.output_names
+        self.built = True
+
+    def _device_count(self):
+        """How many distinct devices the steps use (XLA is refused beyond one)."""
+        raise NotImplementedError  # each subclass knows its devices
+
+    def _writes_files(self):
+        """Whether save/save_weights write (on a cluster, only the chief does)."""
+        return True
+
+    @property
+    def losses(self):
+        # During a step the template runs statelessly and its losses are collected by
+        # hand; `compute_loss` reads them here.
+        if self._step_losses is not None:
+            return list(self._step_losses)
+        return super().losses
+
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None,
+                weighted_metrics=None, run_eagerly=False, steps_per_execution=1,
+                jit_compile="auto", auto_scale_loss=True):
+        """Configure training as `keras.Model.compile` does.
+
+        `jit_compile`: XLA compiles a whole step into one program for one device, which
+        would undo the per-device placement. With more than one device, "auto" resolves
+        to False and True is an error. With one device it is passed to Keras unchanged.
+
+        The template is compiled with the same optimizer object, loss and metrics, so
+        that a saved template carries the training configuration and optimizer state.
+        """
+        devices = self._device_count()
+        if devices > 1:
+            if jit_compile is True:
+                raise ValueError(
+                    "jit_compile=True is not supported with more than one device: XLA would "
+                    f"compile the work of all {devices} devices into one program for one "
+                    "device. Use jit_compile=False (or 'auto', which resolves to False here). "
+                    f"Received: jit_compile={jit_compile!r}"
+                )
+            if jit_compile not in ("auto", False, None):
+                raise ValueError(
+                    "jit_compile must be True, False or 'auto'. "
+                    f"Received: jit_compile={jit_compile!r}"
+                )
+            jit_compile = False
+        super().compile(
+            optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
+            weighted_metrics=weighted_metrics, run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution, jit_compile=jit_compile,
+            auto_scale_loss=auto_scale_loss,
+        )
+        self.template.compile(
+            optimizer=self.optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
+            weighted_metrics=weighted_metrics, jit_compile=False,
+        )
+
+    def compute_output_spec(self, inputs, training=False, mask=None):
+        return self.template.compute_output_spec(inputs)
+
+    def _loss_with(self, extra_losses, x, y, y_pred, sample_weight, training):
+        """Keras' compiled loss (and `compute_loss` overrides) with these extra losses."""
+        self._step_losses = extra_losses
+        try:
+            return self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+            )
+        finally:
+            self._step_losses = None
+
+    # ------------------------------------------------------- saving: the template
+    def save(self, filepath, overwrite=True, **kwargs):
+        """Save the template (not the wrapper): the file loads with plain Keras."""
+        if self._writes_files():
+            return self.template.save(filepath, overwrite=overwrite, **kwargs)
+        return None
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        """Save the template's weights."""
+        if self._writes_files():
+            return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
+        return None
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Load weights saved from the template (or from a wrapper of it) into the template."""
+        return self.template.load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
+    def export(self, filepath, format="tf_saved_model", **kwargs):
+        """Export the template for inference."""
+        return self.template.export(filepath, format=format, **kwargs)
+
+    def get_config(self):
+        raise NotImplementedError(
+            f"A {type(self).__name__} is not serialized itself: save() and ModelCheckpoint "
+            "write its template, which loads with keras.saving.load_model(); wrap it again "
+            "after loading."
+        )
+
+
+def is_seed_state(variable):
+    """Whether a non-trainable variable is the state of a Keras random seed generator."""
+    return "seed_generator_state" in variable.path and not variable.dtype.startswith("float")
+
+
+def offset_seeds(variables, values, index):
+    """`values` of `variables`, with random seed states offset by `index`.
+
+    Replica (or micro-batch) i starts from seeds offset by i, so no two draw the same
+    dropout mask.
+    """
+    if not index:
+        return list(values)
+    shifted = []
+    for variable, value in zip(variables, values):
+        if is_seed_state(variable):
+            offset = [index] + [0] * (variable.shape[0] - 1)
+            value = value + tf.constant(offset, value.dtype)
+        shifted.append(value)
+    return shifted
+
+
+def sum_gradients(parts):
+    """Sum the gradients of one variable (None when there are none), sparse kept sparse."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, tf.IndexedSlices) for p in parts):
+        return tf.IndexedSlices(
+            tf.concat([p.values for p in parts], axis=0),
+            tf.concat([p.indices for p in parts], axis=0),
+            parts[0].dense_shape,
+        )
+    return tf.add_n([tf.convert_to_tensor(p) for p in parts])
+
+
+class OptionalOutputs:
+    """Packs lists with None entries for the branches of a switch, which need tensors.
+
+    Every branch must produce the same None pattern (it depends only on the model); the
+    pattern seen first is kept and later branches are checked against it.
+    """
+
+    def __init__(self, what):
+        self._what = what
+        self.pattern = None
+
+    def pack(self, *lists):
+        pattern = tuple(tuple(item is not None for item in items) for items in lists)
+        if self.pattern is None:
+            self.pattern = pattern
+        elif self.pattern != pattern:
+            raise RuntimeError(
+                f"The model's gradients or state updates differ between {self._what}; "
+                "it cannot be run this way."
+            )
+        return [[item for item in items if item is not None] for items in lists]
+
+    def unpack(self, *packed_lists):
+        unpacked = []
+        for packed, present in zip(packed_lists, self.pattern):
+            items = iter(packed)
+            unpacked.append([next(items) if flag else None for flag in present])
+        return unpacked
