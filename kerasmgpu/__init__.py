@@ -18,8 +18,10 @@ from kerasmgpu.split import SplitModel, split_model
 
 __version__ = "0.1.0"
 
-simulate_devices_from_env()
-cluster.connect_from_environment()
+if simulate_devices_from_env() and cluster.connect_from_environment() is None:
+    # Fix the simulated devices now, as the variable promises: a later
+    # simulate_devices(n) with another n is then an error, not a silent change.
+    visible_devices()
 
 __all__ = [
     "ParallelModel",

@@ -86,10 +86,14 @@ def _configure_logical_cpus(n):
 
 
 def simulate_devices_from_env():
-    """Apply `KERASMGPU_SIMULATED_DEVICES` if it is set (called on `import kerasmgpu`)."""
+    """Apply `KERASMGPU_SIMULATED_DEVICES` if it is set (called on `import kerasmgpu`).
+
+    Returns:
+        Whether the variable was set.
+    """
     value = os.environ.get(ENV_SIMULATED_DEVICES)
     if not value:
-        return
+        return False
     try:
         n = int(value)
     except ValueError:
@@ -102,6 +106,7 @@ def simulate_devices_from_env():
         _configure_logical_cpus(n)
     except RuntimeError as error:
         warnings.warn(str(error), RuntimeWarning, stacklevel=3)
+    return True
 
 
 def visible_devices():
