@@ -247,3 +247,19 @@ def test_command_line_prints_a_line_per_candidate_and_the_ranking(capsys):
     assert {row.split()[-1] for row in table[1:3]} == {"adam", "rmsprop"}
     accuracies = [float(row.split()[1]) for row in table[1:3]]
     assert accuracies == sorted(accuracies, reverse=True)
+
+
+def test_plot_history_draws_best_and_mean_per_generation():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from zoo.evolve import plot_history
+
+    history = [
+        {"generation": 1, "accuracies": [0.2, 0.6, 0.4], "best": 0.6, "mean": 0.4},
+        {"generation": 2, "accuracies": [0.6, 0.7, 0.5], "best": 0.7, "mean": 0.6},
+    ]
+    ax = plot_history(history)
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines == {"best": [0.6, 0.7], "mean": [0.4, 0.6]}
+    assert ax.get_xlabel() == "generation"
