@@ -230,6 +230,12 @@ def setup_devices(count):
         shown = ", ".join(visible) or "none"
         if has_gpus:
             hint = "Ask for at most that many, or make more GPUs visible (CUDA_VISIBLE_DEVICES)."
+        elif os.environ.get(ENV_SIMULATED_DEVICES):
+            hint = (
+                f"{ENV_SIMULATED_DEVICES}={os.environ[ENV_SIMULATED_DEVICES]} fixed them when "
+                f"kerasmgpu was imported: set it to {count}, or unset it and let the benchmark "
+                "simulate the devices it needs."
+            )
         else:
             hint = (
                 "TensorFlow set up its devices before the benchmark could simulate more. "

@@ -194,6 +194,18 @@ def test_more_devices_than_visible_lists_the_visible_ones(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_devices_fixed_by_the_environment_variable_name_it(tmp_path):
+    env = dict(os.environ, KERASMGPU_SIMULATED_DEVICES="2", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-m", "kerasmgpu.bench", "--devices", "1,4", "--steps", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--devices asks for 4 devices, but 2 are visible" in result.stderr
+    assert "KERASMGPU_SIMULATED_DEVICES=2 fixed them" in result.stderr
+    assert "set it to 4" in result.stderr
+
+
 def test_cli_simulates_the_devices_it_needs(tmp_path):
     """Without the environment variable the CLI splits the CPU itself, before building."""
     (tmp_path / "bench_tiny_models.py").write_text(textwrap.dedent("""
