@@ -17,10 +17,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 bench: install
-	KERASMGPU_SIMULATED_DEVICES=$${KERASMGPU_SIMULATED_DEVICES:-2} $(BIN)/kerasmgpu bench $(BENCH_ARGS)
+	mkdir -p runs
+	KERASMGPU_SIMULATED_DEVICES=$${KERASMGPU_SIMULATED_DEVICES:-2} $(BIN)/kerasmgpu bench --json runs/bench.json --plot runs/bench.png $(BENCH_ARGS)
 
 test: install
-	KERASMGPU_SIMULATED_DEVICES=$(SIMULATED) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	KERASMGPU_SIMULATED_DEVICES=$(SIMULATED) KERASMGPU_NOTEBOOK_QUICK=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check kerasmgpu zoo tests
