@@ -120,7 +120,7 @@ def test_bench_writes_json_with_every_method_the_ceiling_and_a_png(tmp_path, cap
         assert entry["ratio_to_ring"] == pytest.approx(entry["busiest_bytes"] / g)
     assert "Traffic per training step" in out
     assert report["settings"]["variables"] == "auto"
-    # "auto" on CPU devices: central (see README, "Where the weights live").
+    # "auto" on CPU devices: central (see docs/comm.md, "Central or replicated").
     assert rows[("kerasmgpu", 2, "train")]["variables"] == "central"
     assert rows[("keras", 1, "train")]["variables"] is None
     predicted = {(p["aggregation"], p["gpus"]): p["bytes_source"]
