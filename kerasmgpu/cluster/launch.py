@@ -266,6 +266,11 @@ def parse_hosts(hosts):
             port = rest[1:] if rest.startswith(":") else (rest or None)
         elif entry.count(":") == 1:
             host, port = entry.split(":")
+        elif ":" in entry:
+            raise ValueError(
+                f"An IPv6 address in hosts goes in brackets, [ADDRESS] or [ADDRESS]:PORT. "
+                f"Received: {entry!r} in hosts={hosts!r}"
+            )
         if port is not None:
             if not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise ValueError(
@@ -643,11 +648,12 @@ def _layout(workers, workers_per_node, hosts, node_rank, env):
 def _exposure_note(layout, ports):
     """What a node of several exposes: every interface, these ports, unauthenticated."""
     first, last = layout.local[0], layout.local[-1]
+    which = f"worker {first}" if first == last else f"workers {first}..{last}"
     names = network_lib.interfaces()
     where = f" ({', '.join(names)})" if names else ""
     listed = ", ".join(str(port) for port in ports)
     return (
-        f"node {layout.node_rank} of {layout.num_nodes}: workers {first}..{last} of "
+        f"node {layout.node_rank} of {layout.num_nodes}: {which} of "
         f"{len(layout.addresses)}. Their TensorFlow servers listen on EVERY network "
         f"interface of this machine{where}, ports {listed}, unauthenticated: anyone who "
         "reaches these ports can make the workers run TensorFlow operations. The other "
@@ -670,12 +676,12 @@ def _wait_for_peers_to_stop(peers, env, output):
     listening = [address for address in peers if _listens(address)]
     if listening:
         output.note(f"waiting up to {timeout:g} s for the other nodes' workers to stop "
-                    f"({', '.join(listening)} still listen)")
+                    f"({', '.join(listening)} still listening)")
     while listening and time.monotonic() < deadline:
         time.sleep(_PEER_PROBE_SECONDS)
         listening = [address for address in listening if _listens(address)]
     if listening:
-        output.note(f"{', '.join(listening)} still listen after {timeout:g} s; starting "
+        output.note(f"{', '.join(listening)} still listening after {timeout:g} s; starting "
                     "again all the same")
 
 
