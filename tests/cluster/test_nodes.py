@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -88,17 +89,6 @@ def _start(args, env):
                             text=True)
 
 
-def _launchers(hosts, out_dir, workers_per_node, *script_args, launcher_args=(), **extra):
-    """One `kerasmgpu launch` per node of `hosts`, on this machine's network."""
-    return [
-        _start([PYTHON, "-m", "kerasmgpu", "launch", "--hosts", hosts, "--node-rank", str(rank),
-                "--workers-per-node", str(workers_per_node), "--network", "host",
-                *launcher_args, "--", PYTHON, WORKER, str(out_dir), *script_args],
-               _environment(**extra))
-        for rank in range(len(hosts.split(",")))
-    ]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One process with 4 devices, global batch 64: the weights every cluster must reach."""
@@ -125,10 +115,30 @@ def slurm_run(tmp_path_factory):
     return out, base
 
 
+def _launch_nodes(hosts, out_dir, workers_per_node, *script_args, env=None, **kwargs):
+    """`launch` for every node of `hosts`, each in a thread of this process (as a node's
+    launcher would run on its machine); returns their statuses and outputs."""
+    outputs = [io.StringIO() for _ in hosts.split(",")]
+    statuses = {}
+
+    def node(rank):
+        statuses[rank] = launch.launch(
+            [PYTHON, WORKER, str(out_dir), *script_args], workers_per_node=workers_per_node,
+            hosts=hosts, node_rank=rank, network="host", env=env or _environment(),
+            stream=outputs[rank], error_stream=outputs[rank], **kwargs)
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in range(len(outputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return [statuses.get(rank) for rank in range(len(outputs))], [o.getvalue() for o in outputs]
+
+
 def test_two_nodes_of_two_workers_on_sharded_data_train_like_one_process(tmp_path, reference):
     first, second = _port_runs(2, 2)
     hosts = f"127.0.0.1:{first},127.0.0.1:{second}"
-    codes, outputs = _finish(_launchers(hosts, tmp_path, 2, "--sharded"))
+    codes, outputs = _launch_nodes(hosts, tmp_path, 2, "--sharded")
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
     results = [_weights(tmp_path / f"result_{index}.npz") for index in range(4)]
     for other in results[1:]:
@@ -244,36 +254,62 @@ def _check_resumed(out_dir, slurm_run, output):
 
 def test_a_worker_killed_mid_epoch_restarts_the_node_and_resumes_from_the_backup(
         tmp_path, slurm_run):
-    # One node; the script has no BackupAndRestore: --backup-dir adds one.
-    result = subprocess.run(
-        [PYTHON, "-m", "kerasmgpu", "launch", "--workers", "2", "--devices-per-worker", "2",
-         "--max-restarts", "2", "--backup-dir", str(tmp_path / "backup"), "--",
-         PYTHON, WORKER, str(tmp_path), *_kill_run(tmp_path)],
-        env=_environment(), capture_output=True, text=True, timeout=300,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    # One node; the script has no BackupAndRestore: backup_dir (--backup-dir) adds one.
+    err = io.StringIO()
+    status = launch.launch([PYTHON, WORKER, str(tmp_path), *_kill_run(tmp_path)], workers=2,
+                           devices_per_worker=2, max_restarts=2,
+                           backup_dir=str(tmp_path / "backup"), env=_environment(),
+                           stream=err, error_stream=err)
+    output = err.getvalue()
+    assert status == 0, output[-3000:]
     assert (tmp_path / "killed").read_text() == "killed in epoch 2, after batch 4\n"
     assert ("kerasmgpu launch: restart 1 of 2: worker 1 was killed by SIGKILL; starting "
-            "every worker again") in result.stderr
+            "every worker again") in output
     _check_resumed(tmp_path, slurm_run, output)
     assert not (tmp_path / "backup" / "fit-0").exists()  # a finished fit deletes its backup
 
 
 def test_a_worker_killed_on_one_node_of_two_restarts_every_node(tmp_path, slurm_run):
     # The script keeps its own BackupAndRestore. Node 0's worker learns of the death of
-    # node 1's within the collective timeout; each launcher starts its worker again.
+    # node 1's (its collectives fail); each launcher starts its worker again.
     first, second = _port_runs(2, 1)
-    hosts = f"127.0.0.1:{first},127.0.0.1:{second}"
-    launchers = _launchers(hosts, tmp_path, 1, "--backup", str(tmp_path / "backup"),
-                           *_kill_run(tmp_path), KERASMGPU_COLLECTIVE_TIMEOUT="10",
-                           launcher_args=("--max-restarts", "1", "--devices-per-worker", "2"))
-    codes, outputs = _finish(launchers)
+    codes, outputs = _launch_nodes(
+        f"127.0.0.1:{first},127.0.0.1:{second}", tmp_path, 1,
+        "--backup", str(tmp_path / "backup"), *_kill_run(tmp_path),
+        env=_environment(KERASMGPU_COLLECTIVE_TIMEOUT="10"), max_restarts=1,
+        devices_per_worker=2)
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "restart 1 of 1: worker 1 was killed by SIGKILL" in outputs[1]
     assert "restart 1 of 1: worker 0 exited with code 1" in outputs[0]
     assert "ClusterError" in outputs[0]  # the cause, in the worker's own words
     _check_resumed(tmp_path, slurm_run, "\n".join(outputs))
+
+
+def test_the_command_line_starts_each_nodes_workers_with_the_global_cluster(tmp_path, capsys):
+    # `kerasmgpu launch --hosts ... --node-rank R` on two nodes; these workers only report
+    # their environment (they need no peer, so the nodes can run one after the other).
+    code = """
+        import json, os
+        names = ["KERASMGPU_WORKER_INDEX", "KERASMGPU_BACKUP_DIR", "KERASMGPU_RESTART"]
+        print(json.dumps([json.loads(os.environ["TF_CONFIG"]),
+                          *(os.environ.get(name) for name in names)]))
+    """
+    hosts = "127.0.0.1:30000,127.0.0.1:30010"
+    reports = []
+    for rank in (0, 1):
+        status = launch.main(["--hosts", hosts, "--node-rank", str(rank), "--workers-per-node",
+                              "2", "--max-restarts", "1", "--backup-dir", str(tmp_path),
+                              "--network", "host", "--", *_python(code)])
+        out, err = capsys.readouterr()
+        assert status == 0, err
+        assert f"node {rank} of 2: workers {2 * rank}..{2 * rank + 1} of 4" in err
+        reports += sorted((line.split("] ", 1) for line in out.splitlines()),
+                          key=lambda pair: pair[0])
+    addresses = ["127.0.0.1:30000", "127.0.0.1:30001", "127.0.0.1:30010", "127.0.0.1:30011"]
+    assert [prefix for prefix, _ in reports] == [f"[worker {index}" for index in range(4)]
+    assert [json.loads(report) for _, report in reports] == [
+        [{"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}},
+         str(index), str(tmp_path), "0"] for index in range(4)]
 
 
 # ---------------------------------------------------------------- the launcher alone
@@ -298,16 +334,14 @@ def test_with_no_restart_left_a_dead_worker_ends_the_launch_within_a_minute(tmp_
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
     """
+    err = io.StringIO()
     started = time.monotonic()
-    result = subprocess.run(
-        [PYTHON, "-m", "kerasmgpu", "launch", "--workers", "2", "--max-restarts", "0",
-         "--grace-seconds", "5", "--", *_python(code)],
-        env=_environment(), capture_output=True, text=True, timeout=120,
-    )
+    status = launch.launch(_python(code), workers=2, max_restarts=0, grace_seconds=5,
+                           env=_environment(), stream=io.StringIO(), error_stream=err)
     elapsed = time.monotonic() - started
-    assert result.returncode == 128 + signal.SIGKILL
+    assert status == 128 + signal.SIGKILL
     assert elapsed < 60, elapsed
-    assert "kerasmgpu launch: failed: worker 1 was killed by SIGKILL" in result.stderr
+    assert "kerasmgpu launch: failed: worker 1 was killed by SIGKILL" in err.getvalue()
 
 
 RESTART_REPORT = """
