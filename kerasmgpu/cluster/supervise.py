@@ -101,21 +101,6 @@ def _copy_lines(pipe, prefix, target, output):
             output.write(target, prefix + text)
 
 
-def supervise(workers, grace_seconds, output, hint=None):
-    """Wait for the workers; after the first failure, stop the rest once the grace is over.
-
-    Returns:
-        0, or the exit status of the first worker that failed (see `exit_status`).
-    """
-    failure = watch(workers, grace_seconds, output)
-    if failure is None:
-        return 0
-    output.note(f"failed: worker {failure.index} {describe_exit(failure.process.returncode)}")
-    if hint:
-        output.note(hint)
-    return exit_status(failure.process.returncode)
-
-
 def run_with_restarts(start, max_restarts, grace_seconds, output, hint=None,
                       before_restart=None):
     """Run the workers `start` starts; after a failure, stop them all and start again.
