@@ -220,7 +220,9 @@ def test_srun_kerasmgpu_launch_takes_the_nodes_from_slurm(monkeypatch):
 def test_a_tfjob_chief_and_worker_train_like_one_process_and_only_the_chief_writes(
         tmp_path, reference):
     # What Kubeflow's TFJob writes in each pod, tried as a new user would: no simulated
-    # devices (one CPU device each), the script unchanged.
+    # devices (one CPU device each), the script unchanged. (Before, `import kerasmgpu`
+    # joined a TF_CONFIG cluster only when KERASMGPU_SIMULATED_DEVICES was set: on a GPU
+    # machine every pod would have trained alone.)
     chief, other = (f"127.0.0.1:{port}" for port in launch.free_ports(2))
     cluster = {"chief": [chief], "worker": [other]}
     pods = [
