@@ -209,12 +209,15 @@ class Layout(NamedTuple):
         local: the indices of the workers this launcher starts.
         node_rank: this node's position among the nodes.
         num_nodes: how many nodes (launchers) the cluster has.
+        loopback: whether the workers reach each other on 127.0.0.1 alone (a cluster on
+            this machine that `launch` made up), so that a private network can hold them.
     """
 
     addresses: tuple
     local: tuple
     node_rank: int = 0
     num_nodes: int = 1
+    loopback: bool = False
 
     @property
     def peers(self):
@@ -228,7 +231,8 @@ def local_layout(workers, ports=None):
     ports = free_ports(workers) if ports is None else list(ports)
     if len(ports) != workers:
         raise ValueError(f"Expected one port per worker ({workers}). Received: ports={ports}")
-    return Layout(tuple(f"{LOCALHOST}:{port}" for port in ports), tuple(range(workers)))
+    return Layout(tuple(f"{LOCALHOST}:{port}" for port in ports), tuple(range(workers)),
+                  loopback=True)
 
 
 def parse_hosts(hosts):
@@ -482,7 +486,8 @@ def launch(command, workers=None, devices_per_worker=None, grace_seconds=30.0, e
             "private": a private network or `PrivateNetworkError`. "host": this machine's
             network (a one-line note names the ports). In a private network the workers
             cannot reach other machines either (no downloads). A cluster of several
-            nodes always runs on the machine's network ("private" is refused).
+            nodes (`hosts`, Slurm) always runs on the machine's network ("private" is
+            refused).
         workers_per_node: instead of `workers`: the workers this node starts, as one of
             the nodes of `hosts`, or of the Slurm job step this launcher runs in
             (`srun --ntasks-per-node=1`) when `hosts` is None.
@@ -533,13 +538,15 @@ def launch(command, workers=None, devices_per_worker=None, grace_seconds=30.0, e
         )
     layout = _layout(workers, workers_per_node, hosts, node_rank, env)
     mode = network_lib.resolve_mode(network, env)
-    if layout.num_nodes > 1:
+    if not layout.loopback:
+        # The addresses of --hosts or Slurm are the machines' own: a namespace with
+        # loopback alone could not hold them, and the other nodes must reach them.
         if mode == "private":
             raise ValueError(
-                "A cluster of several nodes cannot run in a private network: its workers "
-                "must reach the other nodes' (their servers listen on the machine's network; "
-                "see docs/security.md). Received: network='private' with "
-                f"{layout.num_nodes} nodes"
+                "A cluster of nodes (--hosts, Slurm) cannot run in a private network: its "
+                "workers listen on the machines' addresses and must reach the other nodes' "
+                "(see docs/security.md). Received: network='private' with hosts "
+                f"{sorted({a.rsplit(':', 1)[0] for a in layout.addresses})}"
             )
         mode = "host"
     if backup_dir:
@@ -549,11 +556,11 @@ def launch(command, workers=None, devices_per_worker=None, grace_seconds=30.0, e
     output = supervise.Output(sys.stdout if stream is None else stream,
                               sys.stderr if error_stream is None else error_stream)
     ports = [int(layout.addresses[index].rsplit(":", 1)[1]) for index in layout.local]
-    if layout.num_nodes > 1:
+    if layout.loopback:
+        private = network_lib.for_workers(mode, ports, output.note)
+    else:
         output.note(_exposure_note(layout, ports))
         private = None
-    else:
-        private = network_lib.for_workers(mode, ports, output.note)
     if max_restarts and not backup_dir:
         output.note("--max-restarts: a restarted worker resumes training from a "
                     "keras.callbacks.BackupAndRestore backup: the script's own, or the one "

@@ -402,7 +402,7 @@ def test_hosts_give_every_node_the_same_cluster():
         (["--workers-per-node", "2", "--hosts", "a:http,b", "--node-rank", "0"],
          "A port in hosts must be a number in 1-65535. Received: 'a:http'"),
         (["--workers-per-node", "2", "--hosts", "a,b", "--node-rank", "0",
-          "--network", "private"], "A cluster of several nodes cannot run in a private network"),
+          "--network", "private"], "A cluster of nodes (--hosts, Slurm) cannot run in a private network"),
         (["--workers-per-node", "2"], "this is none (no SLURM_PROCID"),
         (["--hosts", "a,b", "--node-rank", "0"], "give --workers N"),
         (["--workers", "2", "--max-restarts", "-1"], "Received: --max-restarts -1"),
