@@ -12,7 +12,7 @@ Public API:
     resolve_devices(gpus, minimum=2, argument="gpus")
     slice_sizes(batch_size, num_replicas)
     split_model(model, devices, boundaries=None, microbatches=1) -> SplitModel
-    cluster: multi-worker training (TF_CONFIG)
+    cluster: multi-worker training (TF_CONFIG, Slurm)
 """
 
 from kerasmgpu import cluster
@@ -29,7 +29,11 @@ from kerasmgpu.split import SplitModel, split_model
 
 __version__ = "0.1.0"
 
-if simulate_devices_from_env() and cluster.connect_from_environment() is None:
+# Simulated devices are configured first (before TensorFlow starts), then the cluster
+# the environment describes (TF_CONFIG, a Slurm step) is joined, whether or not devices
+# are simulated: a GPU machine simulates none and must join all the same.
+_simulated = simulate_devices_from_env()
+if cluster.connect_from_environment() is None and _simulated:
     # Fix the simulated devices now, as the variable promises: a later
     # simulate_devices(n) with another n is then an error, not a silent change.
     visible_devices()

@@ -43,6 +43,7 @@ from keras import tree
 from kerasmgpu import _compat, batchnorm, comm, distill, slicing, trainer
 from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
+from kerasmgpu.cluster import backup
 
 
 class ParallelModel(trainer.TemplateTrainer):
@@ -356,6 +357,8 @@ class ParallelModel(trainer.TemplateTrainer):
             return super().train_on_batch(*args, **kwargs)
 
     def fit(self, *args, callbacks=None, **kwargs):
+        # `kerasmgpu launch --backup-dir`: a BackupAndRestore for scripts without one.
+        callbacks = backup.with_backup(callbacks)
         callbacks = self._comm.fit_callbacks(callbacks)
         if not self._workers.is_chief:
             callbacks = [_read_only_backup(c) for c in (callbacks or [])]

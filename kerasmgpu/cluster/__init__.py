@@ -1,12 +1,15 @@
-"""Training across machines: a TF_CONFIG cluster of workers, and a launcher for one machine.
+"""Training across machines: a cluster of workers (TF_CONFIG, Slurm), and its launcher.
 
 - `local`: `SingleMachine`, the same interface when there is no cluster.
 - `worker`: joining the cluster TF_CONFIG describes, and the collectives between workers
   (gather of outputs, all-reduce of gradients) that `ParallelModel` calls.
-- `launch`: `kerasmgpu launch`, several workers of a cluster on this machine.
+- `slurm`: the cluster of a Slurm job step, read with TensorFlow's `SlurmClusterResolver`.
+- `backup`: the `BackupAndRestore` that `kerasmgpu launch --backup-dir` adds to `fit`.
+- `launch`: `kerasmgpu launch`, the workers of a cluster on this machine, or this node's
+  share of a cluster of several nodes (`--hosts`, Slurm), with restarts.
 - `sharding`: sharded input, `shard()` (each worker reads its own part of the data) and
   the agreement on steps per epoch when the parts are uneven.
-- `supervise`: the launcher's worker processes: start, stream their lines, stop.
+- `supervise`: the launcher's worker processes: start, stream their lines, stop, restart.
 - `network`: the private loopback-only network the launcher runs workers in.
 - `watchdog`: the process that ends a worker whose peers never start.
 

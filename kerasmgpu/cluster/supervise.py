@@ -1,10 +1,14 @@
-"""Supervising the worker processes of `kerasmgpu launch`: start, stream, stop.
+"""Supervising the worker processes of `kerasmgpu launch`: start, stream, stop, restart.
 
 Each worker's standard output and error are copied line by line, prefixed
 `[worker i] `, by one thread per pipe, whole lines at a time. When a worker fails, the
 others get a grace period to finish (their collectives normally time out and fail on
 their own), then are stopped: SIGTERM to the worker's process group, then SIGKILL after
 `STOP_TIMEOUT_SECONDS`. Ctrl-C or SIGTERM to the launcher stops every worker the same way.
+
+With restarts left (`--max-restarts`), a failure stops the other workers at once (without
+the failed one they can only wait for it) and `run_with_restarts` starts them all again;
+each restart is logged with its cause, and giving up names the last failure.
 """
 
 import os
@@ -97,8 +101,63 @@ def _copy_lines(pipe, prefix, target, output):
             output.write(target, prefix + text)
 
 
-def supervise(workers, grace_seconds, output, hint=None):
-    """Wait for the workers; after the first failure, stop the rest once the grace is over."""
+def run_with_restarts(start, max_restarts, grace_seconds, output, hint=None,
+                      before_restart=None):
+    """Run the workers `start` starts; after a failure, stop them all and start again.
+
+    Args:
+        start: `start(restart)` starts every worker (`restart` counts from 0) and returns
+            the list of `Worker`s.
+        max_restarts: how many times to start again after a failure (0: never).
+        grace_seconds: once no restart is left, how long the other workers may run after
+            the first failure.
+        output: the `Output` for the launcher's messages.
+        hint: a line to add when giving up.
+        before_restart: called with no argument once this node's workers are stopped,
+            before they start again (on several nodes: wait for the others' to stop).
+
+    Returns:
+        0 once every worker exits 0; else the exit status of the last failure
+        (see `exit_status`).
+    """
+    restart = 0
+    while True:
+        workers = start(restart)
+        restarting = restart < max_restarts
+        failure = watch(workers, 0.0 if restarting else grace_seconds, output,
+                        restarting=restarting)
+        for worker in workers:
+            worker.join_readers()
+        if failure is None:
+            return 0
+        code = failure.process.returncode
+        if not restarting:
+            break
+        restart += 1
+        output.note(f"restart {restart} of {max_restarts}: worker {failure.index} "
+                    f"{describe_exit(code)}; starting every worker again (training "
+                    "resumes from the last keras.callbacks.BackupAndRestore backup)")
+        if before_restart is not None:
+            before_restart()
+    after = f" after {max_restarts} restart(s)" if max_restarts else ""
+    output.note(f"failed{after}: worker {failure.index} {describe_exit(code)}")
+    if hint:
+        output.note(hint)
+    return exit_status(code)
+
+
+def watch(workers, grace_seconds, output, restarting=False):
+    """Wait for the workers; after the first failure, stop the rest once the grace is over.
+
+    Args:
+        workers: the `Worker`s.
+        grace_seconds: how long the others may run on after the first failure.
+        output: where the messages go.
+        restarting: the workers will be started again: say so rather than count the grace.
+
+    Returns:
+        The first worker that failed, or None when every worker exited 0.
+    """
     first_failure = None
     deadline = None
     reported = set()
@@ -112,8 +171,11 @@ def supervise(workers, grace_seconds, output, hint=None):
                 first_failure = worker
                 deadline = time.monotonic() + grace_seconds
                 others = [w for w in workers if w.running()]
-                wait = (f"; the other workers have {grace_seconds:g} s to finish"
-                        if others else "")
+                if restarting:
+                    wait = "; stopping the other workers to start again" if others else ""
+                else:
+                    wait = (f"; the other workers have {grace_seconds:g} s to finish"
+                            if others else "")
                 output.note(f"worker {worker.index} {describe_exit(code)}{wait}")
             else:
                 output.note(f"worker {worker.index} {describe_exit(code)}")
@@ -121,20 +183,20 @@ def supervise(workers, grace_seconds, output, hint=None):
         if not running:
             break
         if deadline is not None and time.monotonic() >= deadline:
-            names = ", ".join(str(worker.index) for worker in running)
-            output.note(
-                f"stopping worker(s) {names}: still running {grace_seconds:g} s after "
-                f"worker {first_failure.index} failed"
-            )
+            if not restarting:
+                names = ", ".join(str(worker.index) for worker in running)
+                output.note(
+                    f"stopping worker(s) {names}: still running {grace_seconds:g} s after "
+                    f"worker {first_failure.index} failed"
+                )
             stop(running)
             break
         time.sleep(_POLL_SECONDS)
-    if first_failure is None:
-        return 0
-    code = first_failure.process.returncode
-    output.note(f"failed: worker {first_failure.index} {describe_exit(code)}")
-    if hint:
-        output.note(hint)
+    return first_failure
+
+
+def exit_status(code):
+    """A process's exit status as a shell reports it: 128 + N when signal N killed it."""
     return 128 - code if code < 0 else code
 
 

@@ -21,9 +21,10 @@ one machine; across workers:
   such as `ModelCheckpoint`; `keras.callbacks.BackupAndRestore` resumes a restarted
   cluster (its directory must be readable by every worker).
 
-The cluster is joined on `import kerasmgpu` when TF_CONFIG names more than one task
-(collectives must be set up before TensorFlow starts), or by calling `connect()` first
-thing in the script.
+The cluster is joined on `import kerasmgpu` when TF_CONFIG names more than one task, or,
+without TF_CONFIG, when the process is a task of a Slurm job step of several tasks
+(`srun python train.py`; see `kerasmgpu.cluster.slurm`), because collectives must be set
+up before TensorFlow starts; or by calling `connect()` first thing in the script.
 """
 
 import contextlib
@@ -37,7 +38,7 @@ from keras import tree
 
 from kerasmgpu import _compat, slicing
 from kerasmgpu import devices as devices_lib
-from kerasmgpu.cluster import network
+from kerasmgpu.cluster import network, slurm
 from kerasmgpu.cluster.local import SingleMachine
 
 ENV_TIMEOUT = "KERASMGPU_COLLECTIVE_TIMEOUT"
@@ -125,18 +126,71 @@ def workers():
 
 
 def connect_from_environment():
-    """Join the cluster TF_CONFIG describes, if it names more than one task."""
-    parsed = parse_tf_config()
-    if parsed is not None and len(parsed[0]) > 1:
+    """Join the cluster the environment describes, if it has more than one task.
+
+    TF_CONFIG first; without it, a Slurm job step of several tasks (`srun python
+    train.py`). The `kerasmgpu` command itself never joins: it starts workers that do.
+    Called on `import kerasmgpu`.
+
+    Returns:
+        The `Cluster` joined, or None.
+    """
+    if _current is not None or _is_the_kerasmgpu_command():
+        return _current
+    found = cluster_from_environment()
+    if found is not None and len(found[0]) > 1:
         connect()
     return _current
 
 
+def cluster_from_environment():
+    """The cluster the environment describes, without joining it.
+
+    TF_CONFIG when it is set (Kubernetes' TFJob writes one, with a `chief` task; so does
+    `kerasmgpu launch`); otherwise the tasks of the Slurm job step this process belongs to,
+    read with TensorFlow's `SlurmClusterResolver` (`kerasmgpu.cluster.slurm`), unless
+    KERASMGPU_SLURM=off.
+
+    Returns:
+        `(workers, index, source)`: every task's "host:port" (chief first), this task's
+        index and "TF_CONFIG" or "Slurm"; or None when neither describes a cluster.
+    """
+    parsed = parse_tf_config()
+    if parsed is not None:
+        return parsed[0], parsed[1], "TF_CONFIG"
+    if slurm.step_tasks() > 1:
+        addresses, index = slurm.task_cluster()
+        return addresses, index, "Slurm"
+    return None
+
+
+def _is_the_kerasmgpu_command(argv=None):
+    """Whether this process is the `kerasmgpu` command (console script or `python -m`).
+
+    Its `launch` runs inside the cluster's environment (a Slurm step, a TFJob pod) and
+    starts the workers itself: joining there would take a worker's port.
+    """
+    args = list(sys.orig_argv if argv is None else argv)[1:]
+    while args and args[0].startswith("-") and not args[0].startswith(("-m", "-c")):
+        args = args[2:] if args[0] in ("-W", "-X", "-Q") else args[1:]
+    if not args or args[0].startswith("-c"):
+        return False
+    if args[0].startswith("-m"):
+        module = args[0][2:] or (args[1] if len(args) > 1 else "")
+        return module in ("kerasmgpu", "kerasmgpu.__main__", "kerasmgpu.cluster.launch") or (
+            module.startswith("kerasmgpu.tools"))
+    return os.path.basename(args[0]) in ("kerasmgpu", "kerasmgpu.exe")
+
+
 def connect(timeout_seconds=None, register_timeout_seconds=None):
-    """Join the cluster described by TF_CONFIG (idempotent).
+    """Join the cluster described by TF_CONFIG or by a Slurm job step (idempotent).
 
     Must run before TensorFlow initialises (before any tensor, layer or model is made);
-    `import kerasmgpu` calls it when TF_CONFIG is set.
+    `import kerasmgpu` calls it when TF_CONFIG names several tasks, or a Slurm step has
+    several (see `cluster_from_environment`). Joining from Slurm gives each task of a
+    node its share of the node's GPUs when they all see all of them
+    (`kerasmgpu.cluster.slurm.task_gpus`), and sets KERASMGPU_SLURM=off for the
+    processes this one starts: they are not tasks of the step.
 
     Args:
         timeout_seconds: how long a collective waits for its peers before this worker
@@ -151,19 +205,33 @@ def connect(timeout_seconds=None, register_timeout_seconds=None):
     global _current
     if _current is not None:
         return _current
-    parsed = parse_tf_config()
-    if parsed is None:
+    found = cluster_from_environment()
+    if found is None:
         raise ValueError(
             "connect() needs TF_CONFIG, e.g. "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-            '"task": {"type": "worker", "index": 0}}. It is not set.'
+            '"task": {"type": "worker", "index": 0}}, or a Slurm job step of several '
+            "tasks (srun). Neither is there."
         )
-    workers, index = parsed
+    workers, index, source = found
+    if source == "Slurm":
+        _share_slurm_gpus(workers, index)
+        os.environ[slurm.ENV_SLURM] = "off"  # children of this task are not tasks
     timeout = float(timeout_seconds or os.environ.get(ENV_TIMEOUT, 60))
     register = float(register_timeout_seconds or os.environ.get(ENV_REGISTER_TIMEOUT, 120))
     mode = check_input_mode(os.environ.get(ENV_INPUT, "global"))
     _current = Cluster(workers, index, timeout, register, input_mode=mode)
     return _current
+
+
+def _share_slurm_gpus(workers, index):
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return  # Slurm assigned no GPUs (it lists those it assigns)
+    visible = [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    own = slurm.task_gpus(visible, workers, index)
+    if own is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(own)
 
 
 def set_input(mode):
