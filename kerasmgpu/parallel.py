@@ -72,6 +72,13 @@ class ParallelModel(trainer.TemplateTrainer):
             is synchronous training.
         bucket_bytes: with "replicated", the largest all-reduce bucket (default 25 MB,
             as PyTorch DDP).
+        optimizer_state: "full" (default: every copy of the weights has the whole
+            optimizer state) or "sharded" (with "replicated": each device keeps the
+            state of 1/N of the parameters and updates only those, ZeRO stage 1; the
+            same traffic, 1/N of the state). See docs/comm.md.
+        gradient_dtype: "float32" (default), "bfloat16" or "float16": what gradients
+            travel as between devices ("replicated"; half the bytes); the update stays
+            in float32.
         sync_batchnorm: synchronize every BatchNormalization layer of the template (see
             `multi_gpu_model`); layers built with `synchronized=True` always are.
         teacher_device: where the forward pass of the template's frozen teacher runs (a
@@ -90,9 +97,9 @@ class ParallelModel(trainer.TemplateTrainer):
 
     def __init__(self, template, devices=None, cpu_merge=True, name=None,
                  sync_batchnorm=False, variables="auto", sync_period=1, bucket_bytes=None,
-                 teacher_device=None):
+                 teacher_device=None, optimizer_state="full", gradient_dtype="float32"):
         _check_template(template)
-        comm.check_layout(variables, sync_period, bucket_bytes)
+        comm.check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
         if devices is None:
             resolved = devices_lib.visible_devices()
         else:
@@ -102,7 +109,8 @@ class ParallelModel(trainer.TemplateTrainer):
         self.cpu_merge = bool(cpu_merge)
         self._workers = cluster_lib.workers()
         self._comm = comm.make_strategy(
-            variables, self._replica_devices, self._workers, sync_period, bucket_bytes
+            variables, self._replica_devices, self._workers, sync_period, bucket_bytes,
+            optimizer_state, gradient_dtype,
         )
         self.sync_batchnorm = bool(sync_batchnorm)
         self._batchnorm = batchnorm.Synchronizer(
@@ -347,6 +355,16 @@ class ParallelModel(trainer.TemplateTrainer):
         return self._workers.is_chief
 
     # ------------------------------------------------------- training calls
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        self._comm.compiled(self.optimizer)  # e.g. sharded state: supported optimizers
+
+    def _optimizer_for_saving(self):
+        return self._comm.gathered_optimizer(self.template)
+
+    def _optimizer_for_loading(self):
+        return self._comm.loading_optimizer(self.template)
+
     def make_train_function(self, force=False):
         self._comm.prepare(self.template, self.optimizer)  # eager: replica copies
         return super().make_train_function(force=force)
@@ -522,7 +540,7 @@ def _check_custom_steps(template):
 
 def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
                     sync_batchnorm=False, variables="auto", sync_period=1, bucket_bytes=None,
-                    teacher_device=None):
+                    teacher_device=None, optimizer_state="full", gradient_dtype="float32"):
     """Replicate a model on several devices (the Keras 2 `multi_gpu_model` contract).
 
     Each batch is cut along axis 0 into one slice per device; every device runs the
@@ -545,9 +563,10 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
             were built with `synchronized=True`; the template itself is not changed.
             Without it, only layers built with `synchronized=True` are synchronized and
             the others normalise each replica's slice with that slice's statistics.
-        variables, sync_period, bucket_bytes: where the weights live and how replicas
-            agree ("central" or "replicated", local SGD, all-reduce buckets); see
-            `ParallelModel`.
+        variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype: where the
+            weights and the optimizer state live and how replicas agree ("central" or
+            "replicated", local SGD, all-reduce buckets, sharded state, 16-bit
+            gradients); see `ParallelModel`.
         teacher_device: for distillation (a `keras.distillation.Distiller`, or a model
             whose `compute_loss` calls a frozen `teacher`), where the teacher's forward
             pass runs: a device name or id ("/cpu:0", "GPU:3"; its weights move there),
@@ -575,7 +594,7 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
     ```
     """
     _check_template(model)
-    comm.check_layout(variables, sync_period, bucket_bytes)
+    comm.check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
     # On a cluster the devices are counted over all workers: one per worker is enough.
     minimum = 2 if cluster_lib.current() is None else 1
     devices = devices_lib.resolve_devices(gpus, minimum=minimum)
@@ -586,5 +605,6 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
     return ParallelModel(
         model, devices, cpu_merge=cpu_merge, sync_batchnorm=sync_batchnorm,
         variables=variables, sync_period=sync_period, bucket_bytes=bucket_bytes,
-        teacher_device=teacher_device,
+        teacher_device=teacher_device, optimizer_state=optimizer_state,
+        gradient_dtype=gradient_dtype,
     )
