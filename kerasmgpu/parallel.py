@@ -363,6 +363,9 @@ class ParallelModel(trainer.TemplateTrainer):
         return self._comm.gathered_optimizer(self.template)
 
     def _optimizer_for_loading(self):
+        if getattr(self, "optimizer", None) is not None:
+            # Before the first step too: a sharded state needs its shards to load into.
+            self._comm.prepare(self.template, self.optimizer)
         return self._comm.loading_optimizer(self.template)
 
     def make_train_function(self, force=False):
