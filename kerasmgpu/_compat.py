@@ -84,10 +84,14 @@ def move_variable_storage(variable, new_value):
     variable._initialize(new_value)
 
 
-def make_backup_read_only(callback):
-    """A `BackupAndRestore` that restores but never writes or deletes its backup."""
+def make_backup_read_only(callback, instead_of_saving=None):
+    """A `BackupAndRestore` that restores but never writes or deletes its backup.
+
+    `instead_of_saving`: called where the callback would save (e.g. to take part in a
+    collective the saving worker runs), or nothing.
+    """
     # private: BackupAndRestore has no read-only mode; _save_model is what writes.
-    callback._save_model = lambda: None
+    callback._save_model = instead_of_saving or (lambda: None)
     callback.on_train_end = lambda logs=None: None
     return callback
 

@@ -379,7 +379,7 @@ class ParallelModel(trainer.TemplateTrainer):
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = self._comm.fit_callbacks(callbacks)
         if not self._workers.is_chief:
-            callbacks = [_read_only_backup(c) for c in (callbacks or [])]
+            callbacks = [_read_only_backup(c, self) for c in (callbacks or [])]
         with self._workers.translate_errors("fit"):
             args, kwargs = self._workers.agree_on_input("fit", args, kwargs)
             return super().fit(*args, callbacks=callbacks, **kwargs)
@@ -453,14 +453,23 @@ class _Tower:
         )
 
 
-def _read_only_backup(callback):
+def _read_only_backup(callback, parallel):
     """On a worker other than the chief, a BackupAndRestore restores but never writes.
 
     Every worker restores the same backup when a cluster restarts; only the chief keeps
-    it up to date and deletes it at the end, so workers never race on its files.
+    it up to date and deletes it at the end, so workers never race on its files. With
+    sharded optimizer state the worker still takes part in gathering the state when the
+    chief saves (a collective every worker must join).
     """
     if isinstance(callback, keras.callbacks.BackupAndRestore):
-        return _compat.make_backup_read_only(callback)
+        def take_part_in_gathering():
+            with parallel._optimizer_for_saving():
+                pass
+
+        gathers = parallel.comm.optimizer_state == "sharded"
+        return _compat.make_backup_read_only(
+            callback, take_part_in_gathering if gathers else None
+        )
     return callback
 
 
