@@ -468,14 +468,7 @@ class Sharded(replicated.Replicated):
             yield
             return
         compiled = self._optimizer
-        full, slots = self._full_optimizer(template)
-        states = self._gathered_state()
-        for number, bucket in enumerate(self._buckets):
-            for kind, flats in enumerate(states):
-                for j, value in zip(bucket.indices, bucket.unpack(flats[number])):
-                    slots[j][kind].assign(value)
-        for target, source in zip(_plain_variables(full, slots), self._clone_plain(0)):
-            target.assign(source.value)
+        full = self._filled_full_optimizer(template)
         template.optimizer = full
         try:
             yield full
@@ -490,7 +483,8 @@ class Sharded(replicated.Replicated):
             yield
             return
         compiled = self._optimizer
-        full, _ = self._full_optimizer(template)
+        # Filled with the current state: a file without optimizer state leaves it as is.
+        full = self._filled_full_optimizer(template)
         template.optimizer = full
         try:
             yield full
@@ -499,6 +493,21 @@ class Sharded(replicated.Replicated):
         self._scatter_state_from(full)
         self.request_sync()
 
+    def _filled_full_optimizer(self, template):
+        """An optimizer built on the template's variables, holding every shard's state."""
+        full, slots = self._full_optimizer(template)
+        states = self._gathered_state()
+        for number, bucket in enumerate(self._buckets):
+            for kind, flats in enumerate(states):
+                for j, value in zip(bucket.indices, bucket.unpack(flats[number])):
+                    slots[j][kind].assign(value)
+        counters = self._counters_by_name()
+        for target, source in zip(_plain_variables(full, slots), self._clone_plain(0)):
+            # The step count and rate are the compiled optimizer's (callbacks set the rate
+            # there); anything else (e.g. Nadam's running product) device 0's shard's.
+            target.assign(counters.get(target.name, source).value)
+        return full
+
     def _full_optimizer(self, template):
         config = self._optimizer.get_config()
         full = self._optimizer.__class__.from_config(config)
@@ -506,8 +515,20 @@ class Sharded(replicated.Replicated):
         return full, slots
 
     def _clone_plain(self, d):
+        """Device d's shard optimizer's own variables that are not slots.
+
+        A rate set from the compiled optimizer's variable (`clone.learning_rate =
+        optimizer.learning_rate`) is tracked by the clone too: it is not its own.
+        """
         clone = self._shard_clones[d]
-        return _plain_variables(clone, self._shard_slots[d])
+        foreign = {id(v) for v in self._optimizer.variables}
+        return [v for v in _plain_variables(clone, self._shard_slots[d]) if id(v) not in foreign]
+
+    def _counters_by_name(self):
+        return {
+            v.name: v for v in self._optimizer.variables
+            if v.name in ("iteration", "learning_rate")
+        }
 
     def _scatter_state_from(self, optimizer):
         """Copy a whole optimizer's state (built on the template's variables) into the shards.
@@ -535,5 +556,8 @@ class Sharded(replicated.Replicated):
                         target.assign(flat[start:start + bucket.shard])
                 for target, source in zip(self._clone_plain(d), plain):
                     target.assign(source.value)
-        self._optimizer.iterations.assign(optimizer.iterations.value)
+        counters = self._counters_by_name()
+        for source in plain:
+            if source.name in counters:
+                counters[source.name].assign(source.value)
         return True

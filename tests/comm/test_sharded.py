@@ -220,3 +220,41 @@ def test_optimizers_sharding_cannot_run_exactly_fail_at_compile_time(optimizer, 
     assert parallel.variables_layout == "replicated"  # "auto" resolves to it
     with pytest.raises(ValueError, match=message):
         parallel.compile(optimizer, "sparse_categorical_crossentropy")
+
+
+class _StopAt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_the_sharded_state(tmp_path):
+    x, y = _data(samples=32)
+    reference = dense_classifier()
+    template = twin(reference)
+    runs = []
+    for model in (reference, template):
+        parallel = kerasmgpu.ParallelModel(model, DEVICES[:3], variables="replicated",
+                                           optimizer_state="sharded")
+        parallel.compile(_optimizer("adam"), "sparse_categorical_crossentropy")
+        runs.append(parallel)
+    runs[0].fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        runs[1].fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                    callbacks=[keras.callbacks.BackupAndRestore(backup), _StopAt(2)])
+    # Spoil the weights and the shards' state: the resumed run must restore both.
+    template.set_weights([w * 0 for w in template.get_weights()])
+    for optimizer in runs[1].comm.shard_optimizers():
+        for variable in optimizer.variables:
+            if variable.name.endswith(("momentum", "velocity")):
+                variable.assign(variable * 0 + 1)
+    runs[1].fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert int(runs[1].optimizer.iterations.numpy()) == 12
+    assert max_weight_difference(reference, template) <= 1e-6
