@@ -81,6 +81,10 @@ def measure_memory(parallel_model):
     count(held["weights"], "weights")
     count(optimizer.variables, "optimizer_state")
     count(held["optimizer_state"], "optimizer_state")
+    # Between fits a sharded state is parked whole in the template's own optimizer.
+    template_optimizer = getattr(template, "optimizer", None)
+    if template_optimizer is not None:
+        count(template_optimizer.variables, "optimizer_state")
 
     gradient_set = sum(_bytes(v) for v in template.trainable_variables)
     participants = getattr(strategy, "participants", None)

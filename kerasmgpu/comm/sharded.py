@@ -199,6 +199,7 @@ class Sharded(replicated.Replicated):
         self._shards = None  # per local device: one flat variable per bucket
         self._shard_clones = None  # per local device: optimizer built on its shards
         self._shard_slots = None  # per local device, per bucket: the shard's slots
+        self._parked = None  # between fits: the whole state, as the template's optimizer
 
     # ----------------------------------------------------------------- building
     def compiled(self, optimizer):
@@ -252,6 +253,38 @@ class Sharded(replicated.Replicated):
         # model's, passed to compile): training continues from it.
         self._scatter_state_from(optimizer)
 
+    def prepare(self, template, optimizer):
+        self.unpark()
+        super().prepare(template, optimizer)
+
+    @contextlib.contextmanager
+    def training_call(self):
+        """train_on_batch(): start from the template's weights (no gathering after:
+        that would cost a whole-state copy per call)."""
+        self.request_sync()
+        yield
+
+    def finish(self):
+        """At the end of fit(): park the whole state in the template's optimizer.
+
+        So that `template.save()` after training writes the whole optimizer state as
+        `parallel.save()` does (and `template.load_weights()` can set it); the next
+        training call scatters it back (`unpark`). It costs one gather per fit and
+        holds the whole state on the template's device between fits.
+        """
+        if self._shards is None or self._parked is not None:
+            return
+        self._parked = self._filled_full_optimizer(self._template)
+        self._template.optimizer = self._parked
+
+    def unpark(self):
+        """Scatter a parked state (maybe loaded since) back into the shards."""
+        parked, self._parked = self._parked, None
+        if parked is None or self._template.optimizer is not parked:
+            return  # not parked, or the template was compiled again since
+        self._template.optimizer = self._optimizer
+        self._scatter_state_from(parked)
+
     def _replica_optimizer(self, optimizer, mirrors):
         return None  # replicas update through their shards' optimizers instead
 
@@ -280,6 +313,7 @@ class Sharded(replicated.Replicated):
 
     def sync_from_template(self):
         """Copy the template's weights to every copy and every shard (eagerly)."""
+        self.unpark()
         template_vars = self._template.trainable_variables
         for mirrors in self._mirrors:
             for mirror, variable in zip(mirrors, template_vars):
@@ -464,8 +498,8 @@ class Sharded(replicated.Replicated):
         put back after. On a cluster every worker must enter it (its shards are
         gathered with a collective).
         """
-        if self._shards is None:
-            yield
+        if self._shards is None or self._parked is not None:
+            yield  # not built yet, or parked: the template's optimizer is whole already
             return
         compiled = self._optimizer
         full = self._filled_full_optimizer(template)
@@ -479,6 +513,7 @@ class Sharded(replicated.Replicated):
     def loading_optimizer(self, template):
         """A context in which `template.optimizer` can load a whole state from a file;
         the state is then scattered into the shards."""
+        self.unpark()
         if self._shards is None:
             yield
             return

@@ -178,6 +178,12 @@ def test_save_mid_training_load_with_plain_keras_and_resume(tmp_path):
     for a, b in zip(weights, template.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
+    # After fit the template's own optimizer holds the whole state: template.save works too.
+    template.save(tmp_path / "after.keras")
+    after = keras.saving.load_model(tmp_path / "after.keras")
+    assert int(after.optimizer.iterations.numpy()) == 10
+    assert len(after.optimizer.variables) == 2 + 2 * len(template.trainable_variables)
+
     # Loading into a sharded model scatters the file's state: it resumes the same way.
     again = twin(reference)
     resumed = kerasmgpu.ParallelModel(again, DEVICES[:2], variables="replicated",
