@@ -27,7 +27,9 @@ weights (G) plus its shards (G / T), and S / T of optimizer state instead of S.
 Files stay ordinary Keras: `ParallelModel.save`, `save_weights` (and so `ModelCheckpoint`
 and `BackupAndRestore`) write the template with the WHOLE optimizer state, gathered into
 an optimizer built for the occasion (`gathered_optimizer`), which plain Keras loads and
-resumes from; `load_weights` scatters a file's state back into the shards.
+resumes from; `load_weights` scatters a file's state back into the shards. At the end of
+every `fit()` the whole state is also parked in the template's own optimizer until the
+next training call, so that `template.save()` after training writes it too.
 """
 
 import contextlib
