@@ -3,10 +3,12 @@
 Public API:
     multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
                     sync_batchnorm=False, variables="auto", sync_period=1, bucket_bytes=None,
-                    teacher_device=None)
+                    teacher_device=None, optimizer_state="full", gradient_dtype="float32")
     ParallelModel(template, devices=None, cpu_merge=True, sync_batchnorm=False,
-                  variables="auto", sync_period=1, bucket_bytes=None, teacher_device=None)
+                  variables="auto", sync_period=1, bucket_bytes=None, teacher_device=None,
+                  optimizer_state="full", gradient_dtype="float32")
     measure_traffic(parallel_model, x, y) -> {device: {"sent": bytes, "received": bytes}}
+    measure_memory(parallel_model) -> {device: {"weights", "gradients", "optimizer_state"}}
     simulate_devices(n)
     visible_devices()
     resolve_devices(gpus, minimum=2, argument="gpus")
@@ -16,7 +18,7 @@ Public API:
 """
 
 from kerasmgpu import cluster
-from kerasmgpu.comm import measure_traffic
+from kerasmgpu.comm import measure_memory, measure_traffic
 from kerasmgpu.devices import (
     resolve_devices,
     simulate_devices,
@@ -42,6 +44,7 @@ __all__ = [
     "ParallelModel",
     "SplitModel",
     "cluster",
+    "measure_memory",
     "measure_traffic",
     "multi_gpu_model",
     "resolve_devices",

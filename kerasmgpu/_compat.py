@@ -32,6 +32,9 @@ TensorFlow 2.21). When an upgrade breaks one, this is the file to fix.
   step, and the step around a branch (collective keys that match across branches).
 - `Dataset._as_serialized_graph`, `_AutoShardDataset`: which ops a tf.data pipeline runs,
   and tf.data's FILE auto-shard rewrite (`kerasmgpu.cluster.shard`).
+- `Optimizer._exclude_from_weight_decay`, `_exclude_from_weight_decay_pattern`: whether an
+  optimizer excludes variables from weight decay (sharded optimizer state cannot; Keras
+  has a setter but no getter).
 """
 
 import contextlib
@@ -81,10 +84,14 @@ def move_variable_storage(variable, new_value):
     variable._initialize(new_value)
 
 
-def make_backup_read_only(callback):
-    """A `BackupAndRestore` that restores but never writes or deletes its backup."""
+def make_backup_read_only(callback, instead_of_saving=None):
+    """A `BackupAndRestore` that restores but never writes or deletes its backup.
+
+    `instead_of_saving`: called where the callback would save (e.g. to take part in a
+    collective the saving worker runs), or nothing.
+    """
     # private: BackupAndRestore has no read-only mode; _save_model is what writes.
-    callback._save_model = lambda: None
+    callback._save_model = instead_of_saving or (lambda: None)
     callback.on_train_end = lambda logs=None: None
     return callback
 
@@ -259,3 +266,19 @@ def call_compute_loss(model, x, y, y_pred, sample_weight, training):
     return model._compute_loss(
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
     )
+
+
+def weight_decay_exclusions(optimizer):
+    """What `optimizer.exclude_from_weight_decay()` was given (empty list: nothing).
+
+    Why private: Keras stores the exclusions (variable ids, a name pattern) in attributes
+    set by `exclude_from_weight_decay` and offers no public way to read them back; the
+    sharded optimizer state must refuse them, since it decays flat ranges of parameters.
+    """
+    found = []
+    if getattr(optimizer, "_exclude_from_weight_decay", None):
+        found.append(f"{len(optimizer._exclude_from_weight_decay)} variable(s)")
+    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+    if pattern is not None:
+        found.append(f"names matching {pattern.pattern!r}")
+    return found

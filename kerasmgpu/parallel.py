@@ -73,6 +73,13 @@ class ParallelModel(trainer.TemplateTrainer):
             is synchronous training.
         bucket_bytes: with "replicated", the largest all-reduce bucket (default 25 MB,
             as PyTorch DDP).
+        optimizer_state: "full" (default: every copy of the weights has the whole
+            optimizer state) or "sharded" (with "replicated": each device keeps the
+            state of 1/N of the parameters and updates only those, ZeRO stage 1; the
+            same traffic, 1/N of the state). See docs/comm.md.
+        gradient_dtype: "float32" (default), "bfloat16" or "float16": what gradients
+            travel as between devices ("replicated"; half the bytes); the update stays
+            in float32.
         sync_batchnorm: synchronize every BatchNormalization layer of the template (see
             `multi_gpu_model`); layers built with `synchronized=True` always are.
         teacher_device: where the forward pass of the template's frozen teacher runs (a
@@ -91,9 +98,9 @@ class ParallelModel(trainer.TemplateTrainer):
 
     def __init__(self, template, devices=None, cpu_merge=True, name=None,
                  sync_batchnorm=False, variables="auto", sync_period=1, bucket_bytes=None,
-                 teacher_device=None):
+                 teacher_device=None, optimizer_state="full", gradient_dtype="float32"):
         _check_template(template)
-        comm.check_layout(variables, sync_period, bucket_bytes)
+        comm.check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
         if devices is None:
             resolved = devices_lib.visible_devices()
         else:
@@ -103,7 +110,8 @@ class ParallelModel(trainer.TemplateTrainer):
         self.cpu_merge = bool(cpu_merge)
         self._workers = cluster_lib.workers()
         self._comm = comm.make_strategy(
-            variables, self._replica_devices, self._workers, sync_period, bucket_bytes
+            variables, self._replica_devices, self._workers, sync_period, bucket_bytes,
+            optimizer_state, gradient_dtype,
         )
         self.sync_batchnorm = bool(sync_batchnorm)
         self._batchnorm = batchnorm.Synchronizer(
@@ -348,6 +356,19 @@ class ParallelModel(trainer.TemplateTrainer):
         return self._workers.is_chief
 
     # ------------------------------------------------------- training calls
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        self._comm.compiled(self.optimizer)  # e.g. sharded state: supported optimizers
+
+    def _optimizer_for_saving(self):
+        return self._comm.gathered_optimizer(self.template)
+
+    def _optimizer_for_loading(self):
+        if getattr(self, "optimizer", None) is not None:
+            # Before the first step too: a sharded state needs its shards to load into.
+            self._comm.prepare(self.template, self.optimizer)
+        return self._comm.loading_optimizer(self.template)
+
     def make_train_function(self, force=False):
         self._comm.prepare(self.template, self.optimizer)  # eager: replica copies
         return super().make_train_function(force=force)
@@ -361,7 +382,7 @@ class ParallelModel(trainer.TemplateTrainer):
         callbacks = backup.with_backup(callbacks)
         callbacks = self._comm.fit_callbacks(callbacks)
         if not self._workers.is_chief:
-            callbacks = [_read_only_backup(c) for c in (callbacks or [])]
+            callbacks = [_read_only_backup(c, self) for c in (callbacks or [])]
         with self._workers.translate_errors("fit"):
             args, kwargs = self._workers.agree_on_input("fit", args, kwargs)
             return super().fit(*args, callbacks=callbacks, **kwargs)
@@ -435,14 +456,23 @@ class _Tower:
         )
 
 
-def _read_only_backup(callback):
+def _read_only_backup(callback, parallel):
     """On a worker other than the chief, a BackupAndRestore restores but never writes.
 
     Every worker restores the same backup when a cluster restarts; only the chief keeps
-    it up to date and deletes it at the end, so workers never race on its files.
+    it up to date and deletes it at the end, so workers never race on its files. With
+    sharded optimizer state the worker still takes part in gathering the state when the
+    chief saves (a collective every worker must join).
     """
     if isinstance(callback, keras.callbacks.BackupAndRestore):
-        return _compat.make_backup_read_only(callback)
+        def take_part_in_gathering():
+            with parallel._optimizer_for_saving():
+                pass
+
+        gathers = parallel.comm.optimizer_state == "sharded"
+        return _compat.make_backup_read_only(
+            callback, take_part_in_gathering if gathers else None
+        )
     return callback
 
 
@@ -525,7 +555,7 @@ def _check_custom_steps(template):
 
 def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
                     sync_batchnorm=False, variables="auto", sync_period=1, bucket_bytes=None,
-                    teacher_device=None):
+                    teacher_device=None, optimizer_state="full", gradient_dtype="float32"):
     """Replicate a model on several devices (the Keras 2 `multi_gpu_model` contract).
 
     Each batch is cut along axis 0 into one slice per device; every device runs the
@@ -548,9 +578,10 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
             were built with `synchronized=True`; the template itself is not changed.
             Without it, only layers built with `synchronized=True` are synchronized and
             the others normalise each replica's slice with that slice's statistics.
-        variables, sync_period, bucket_bytes: where the weights live and how replicas
-            agree ("central" or "replicated", local SGD, all-reduce buckets); see
-            `ParallelModel`.
+        variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype: where the
+            weights and the optimizer state live and how replicas agree ("central" or
+            "replicated", local SGD, all-reduce buckets, sharded state, 16-bit
+            gradients); see `ParallelModel`.
         teacher_device: for distillation (a `keras.distillation.Distiller`, or a model
             whose `compute_loss` calls a frozen `teacher`), where the teacher's forward
             pass runs: a device name or id ("/cpu:0", "GPU:3"; its weights move there),
@@ -578,7 +609,7 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
     ```
     """
     _check_template(model)
-    comm.check_layout(variables, sync_period, bucket_bytes)
+    comm.check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
     # On a cluster the devices are counted over all workers: one per worker is enough.
     minimum = 2 if cluster_lib.current() is None else 1
     devices = devices_lib.resolve_devices(gpus, minimum=minimum)
@@ -589,5 +620,6 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
     return ParallelModel(
         model, devices, cpu_merge=cpu_merge, sync_batchnorm=sync_batchnorm,
         variables=variables, sync_period=sync_period, bucket_bytes=bucket_bytes,
-        teacher_device=teacher_device,
+        teacher_device=teacher_device, optimizer_state=optimizer_state,
+        gradient_dtype=gradient_dtype,
     )

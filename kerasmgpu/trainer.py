@@ -143,7 +143,8 @@ class TemplateTrainer(keras.Model):
         """Apply one optimizer update and one state update (the end of every step)."""
         if trainable:
             pairs = [(g, v) for g, v in zip(gradients, trainable) if g is not None]
-            self.optimizer.apply_gradients(pairs)
+            if pairs:  # none: the communication strategy applied the update itself
+                self.optimizer.apply_gradients(pairs)
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=3)
         for variable, value in zip(non_trainable, state):
@@ -151,21 +152,32 @@ class TemplateTrainer(keras.Model):
                 variable.assign(value)
 
     # ------------------------------------------------------- saving: the template
+    def _optimizer_for_saving(self):
+        """A context in which the template's optimizer holds the whole state to save."""
+        return contextlib.nullcontext()
+
+    def _optimizer_for_loading(self):
+        """A context in which the template's optimizer can load a whole saved state."""
+        return contextlib.nullcontext()
+
     def save(self, filepath, overwrite=True, **kwargs):
         """Save the template (not the wrapper): the file loads with plain Keras."""
-        if self._writes_files():
-            return self.template.save(filepath, overwrite=overwrite, **kwargs)
+        with self._optimizer_for_saving():
+            if self._writes_files():
+                return self.template.save(filepath, overwrite=overwrite, **kwargs)
         return None
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         """Save the template's weights."""
-        if self._writes_files():
-            return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
+        with self._optimizer_for_saving():
+            if self._writes_files():
+                return self.template.save_weights(filepath, overwrite=overwrite, **kwargs)
         return None
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
         """Load weights saved from the template (or from a wrapper of it) into the template."""
-        return self.template.load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        with self._optimizer_for_loading():
+            return self.template.load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """Export the template for inference."""

@@ -9,17 +9,25 @@ with the same `combine` method (`base.Strategy`), chosen by `ParallelModel`'s op
 - `replicated`: a copy of the variables and the optimizer per device, gradients summed by
   bucketed collective all-reduces overlapping the backward pass (`collective`), or local
   SGD with the weights averaged every `sync_period` steps.
-- `traffic`: the bytes each device sends and receives in one step (`measure_traffic`).
+- `sharded`: replicated weights with the optimizer state sharded over the devices
+  (ZeRO stage 1: reduce-scatter, update 1/N, all-gather), `optimizer_state="sharded"`.
+- 16-bit gradients (`gradient_dtype`): the collectives of `replicated` and `sharded` move
+  bfloat16 or (scaled) float16 gradients; the update stays in the variables' dtype.
+- `traffic`: the bytes each device sends and receives in one step (`measure_traffic`);
+  `memory`: the bytes each device holds (`measure_memory`).
 """
 
 from kerasmgpu.comm import collective
 from kerasmgpu.comm.base import Strategy
 from kerasmgpu.comm.central import Central
-from kerasmgpu.comm.collective import DEFAULT_BUCKET_BYTES
+from kerasmgpu.comm.collective import DEFAULT_BUCKET_BYTES, GRADIENT_DTYPES
+from kerasmgpu.comm.memory import measure_memory
 from kerasmgpu.comm.replicated import Replicated
+from kerasmgpu.comm.sharded import Sharded
 from kerasmgpu.comm.traffic import measure_traffic
 
 VARIABLE_LAYOUTS = ("auto", "replicated", "central")
+OPTIMIZER_STATES = ("full", "sharded")
 # How "replicated" all-reduces across workers: "hierarchical" (in the box, across workers
 # on 1/N shards, in the box) or "flat" (one ring over every device). Hierarchical moves
 # 2 (W-1)/W x G over each worker's network link against 2 (WN-1)/(WN) x G (measured on
@@ -27,8 +35,40 @@ VARIABLE_LAYOUTS = ("auto", "replicated", "central")
 CLUSTER_ALL_REDUCE = "hierarchical"
 
 
-def check_layout(variables, sync_period, bucket_bytes):
+def check_layout(variables, sync_period, bucket_bytes, optimizer_state="full",
+                 gradient_dtype="float32"):
     """Raise a clear ValueError for layout options that cannot work (at wrap time)."""
+    if optimizer_state not in OPTIMIZER_STATES:
+        raise ValueError(
+            f"optimizer_state must be one of {OPTIMIZER_STATES}: 'full' keeps the whole "
+            "optimizer state with every copy of the weights, 'sharded' splits it over the "
+            "devices (with variables='replicated'). "
+            f"Received: optimizer_state={optimizer_state!r}"
+        )
+    if gradient_dtype not in GRADIENT_DTYPES:
+        raise ValueError(
+            f"gradient_dtype must be one of {GRADIENT_DTYPES}: the dtype gradients travel "
+            "in between devices ('float32': as computed; 'bfloat16' or 'float16': half "
+            f"the bytes). Received: gradient_dtype={gradient_dtype!r}"
+        )
+    if optimizer_state == "sharded" and variables == "central":
+        raise ValueError(
+            "optimizer_state='sharded' splits the optimizer state over the copies of the "
+            "weights: it needs variables='replicated' (or 'auto'). Received: "
+            f"optimizer_state='sharded' with variables={variables!r}"
+        )
+    if gradient_dtype != "float32" and variables == "central":
+        raise ValueError(
+            "gradient_dtype compresses the collectives between copies of the weights: it "
+            "needs variables='replicated' (or 'auto'). Received: "
+            f"gradient_dtype={gradient_dtype!r} with variables={variables!r}"
+        )
+    if optimizer_state == "sharded" and sync_period != 1:
+        raise ValueError(
+            "optimizer_state='sharded' is synchronous training (every device updates its "
+            "share of the weights every step); local SGD keeps a whole state per replica. "
+            f"Received: optimizer_state='sharded' with sync_period={sync_period!r}"
+        )
     if variables not in VARIABLE_LAYOUTS:
         raise ValueError(
             f"variables must be one of {VARIABLE_LAYOUTS}: 'replicated' keeps a copy of the "
@@ -56,8 +96,9 @@ def check_layout(variables, sync_period, bucket_bytes):
         )
 
 
-def resolve_layout(variables, devices, sync_period=1):
-    """"auto" -> "replicated" on two or more GPUs (or with local SGD), else "central".
+def resolve_layout(variables, devices, sync_period=1, collectives_needed=False):
+    """"auto" -> "replicated" on two or more GPUs (or with local SGD, sharded optimizer
+    state or 16-bit gradients: `collectives_needed`), else "central".
 
     Why: on GPUs the copies live in separate memories joined by links, and a ring
     all-reduce moves 2 (N - 1) / N x G bytes per device against (N - 1) x G each way for
@@ -68,7 +109,7 @@ def resolve_layout(variables, devices, sync_period=1):
     """
     if variables != "auto":
         return variables
-    if sync_period != 1:
+    if sync_period != 1 or collectives_needed:
         return "replicated"
     import tensorflow as tf
 
@@ -76,15 +117,32 @@ def resolve_layout(variables, devices, sync_period=1):
     return "replicated" if kinds == {"GPU"} and len(devices) > 1 else "central"
 
 
-def make_strategy(variables, devices, workers, sync_period=1, bucket_bytes=None):
+def make_strategy(variables, devices, workers, sync_period=1, bucket_bytes=None,
+                  optimizer_state="full", gradient_dtype="float32"):
     """The strategy for a layout, on these replica devices and workers (checked first)."""
-    check_layout(variables, sync_period, bucket_bytes)
-    variables = resolve_layout(variables, devices, sync_period)
+    check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
+    sharded = optimizer_state == "sharded"
+    variables = resolve_layout(
+        variables, devices, sync_period,
+        collectives_needed=sharded or gradient_dtype != "float32",
+    )
     if variables == "central":
         return Central()
     collectives = None
+    timeout = getattr(workers, "timeout_seconds", 0)
+    if sharded:
+        # One group of every device, worker by worker: the shards are 1/(W x N) each.
+        group = [
+            tf_device_of_task(device, task)
+            for task in range(workers.num_workers) for device in devices
+        ] if workers.num_workers > 1 else None
+        return Sharded(
+            devices, bucket_bytes or DEFAULT_BUCKET_BYTES,
+            collectives=collective.Collectives(devices, group, timeout),
+            first_participant=workers.worker_index * len(devices),
+            gradient_dtype=gradient_dtype,
+        )
     if workers.num_workers > 1:
-        timeout = getattr(workers, "timeout_seconds", 0)
         if CLUSTER_ALL_REDUCE == "hierarchical":
             collectives = collective.HierarchicalCollectives(
                 devices, workers.num_workers, tf_device_of_task, timeout
@@ -97,7 +155,8 @@ def make_strategy(variables, devices, workers, sync_period=1, bucket_bytes=None)
             ]
             collectives = collective.Collectives(devices, group, timeout)
     return Replicated(
-        devices, bucket_bytes or DEFAULT_BUCKET_BYTES, sync_period, collectives=collectives
+        devices, bucket_bytes or DEFAULT_BUCKET_BYTES, sync_period, collectives=collectives,
+        gradient_dtype=gradient_dtype,
     )
 
 
@@ -110,12 +169,16 @@ def tf_device_of_task(device, task):
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
+    "GRADIENT_DTYPES",
+    "OPTIMIZER_STATES",
     "Central",
     "Replicated",
+    "Sharded",
     "Strategy",
     "VARIABLE_LAYOUTS",
     "check_layout",
     "make_strategy",
+    "measure_memory",
     "measure_traffic",
     "resolve_layout",
 ]

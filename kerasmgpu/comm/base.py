@@ -13,6 +13,8 @@ class Strategy:
 
     name = "central"
     sync_period = 1
+    optimizer_state = "full"
+    gradient_dtype = "float32"
 
     def replica_variables(self, replica, variables):
         """The trainable variables replica `replica` reads and differentiates."""
@@ -39,3 +41,18 @@ class Strategy:
     def training_call(self):
         """A context around one train_on_batch() call."""
         return contextlib.nullcontext()
+
+    def compiled(self, optimizer):
+        """At compile time: check the optimizer (a clear error for what cannot work)."""
+
+    def gathered_optimizer(self, template):
+        """A context in which `template.optimizer` holds the whole state (to save it)."""
+        return contextlib.nullcontext()
+
+    def loading_optimizer(self, template):
+        """A context in which `template.optimizer` can load a whole state from a file."""
+        return contextlib.nullcontext()
+
+    def held_variables(self):
+        """The variables this strategy adds: {"weights": [...], "optimizer_state": [...]}."""
+        return {"weights": [], "optimizer_state": []}

@@ -39,6 +39,11 @@ _next_instance_base = [None]  # shared by every Collectives: keys never repeat i
 _KEYS_PER_STEP = 16384
 _FIRST_INSTANCE_BASE = 1 << 20
 AVERAGE_SLOTS = 4096  # first slot of weight averaging in a step (x3 when hierarchical)
+SCALE_SLOTS = 2048  # first slot of the float16 scales' max all-reduces (one per bucket)
+GRADIENT_DTYPES = ("float32", "bfloat16", "float16")
+# float16 buckets are scaled so that the largest value of the sum stays below this: well
+# under float16's largest finite value (65504), and small gradients move up with it.
+FLOAT16_TARGET = 2.0**14
 
 
 def communication_hint(devices):
@@ -136,7 +141,7 @@ class Collectives:
             raise RuntimeError(f"Too many collectives in one step ({slot + 1}).")
         return self._bases[graph] + slot
 
-    def all_reduce(self, per_device, slot, final_op="Id"):
+    def all_reduce(self, per_device, slot, final_op="Id", merge_op="Add"):
         """Sum one flat tensor per local device; every device gets the total.
 
         Args:
@@ -144,6 +149,7 @@ class Collectives:
             slot: the collective's number within the step (0, 1, ...), the same on every
                 worker for the same collective.
             final_op: "Id" for the sum, "Div" for the mean over the group.
+            merge_op: "Add" (the sum) or "Max" (the largest value, element by element).
 
         Returns:
             One tensor per local device, on that device.
@@ -162,7 +168,7 @@ class Collectives:
                         instance_key=key,
                         # Orders this device's collectives among themselves only.
                         ordering_token=[token.handle],
-                        merge_op="Add",
+                        merge_op=merge_op,
                         final_op=final_op,
                         communication_hint=self.hint,
                         timeout_seconds=self.timeout_seconds,
@@ -190,7 +196,85 @@ class Collectives:
                 )
         return results
 
-    def all_reduce_buckets(self, per_device_lists, buckets, first_slot=0, final_op="Id"):
+    def all_to_all(self, per_device, slot):
+        """Exchange rows: device i's row j goes to participant j, which gets one from each.
+
+        Args:
+            per_device: one tensor per local device shaped [group size, ...].
+
+        Returns:
+            Per local device, a tensor of the same shape whose row j came from
+            participant j. A reduce-scatter is this plus a sum over the rows: it moves
+            (n - 1) / n of the input each way, as a ring reduce-scatter does (TensorFlow
+            has `CollectiveReduceScatterV2` for NCCL only; all-to-all runs everywhere).
+        """
+        self.build()
+        key = self._instance_key(slot)
+        self.traced_collectives += 1
+        results = []
+        for device, token, tensor in zip(self.local_devices, self._tokens, per_device):
+            with tf.device(device):
+                results.append(
+                    tf.raw_ops.CollectiveAllToAllV2(
+                        input=tensor,
+                        group_size=self.group_size,
+                        group_key=self.group_key,
+                        instance_key=key,
+                        ordering_token=[token.handle],
+                        communication_hint=self.hint,
+                        timeout_seconds=self.timeout_seconds,
+                    )
+                )
+        return results
+
+    def all_reduce_max(self, per_device, slot):
+        """The element-wise maximum over the whole group, on every local device."""
+        return Collectives.all_reduce(self, per_device, slot, merge_op="Max")
+
+    def float16_scales(self, flats, slot):
+        """Per local device, the power of two that float16 buckets are multiplied by.
+
+        Chosen from the largest magnitude over every participant (one scalar max
+        all-reduce), so that a sum over the whole group stays below `FLOAT16_TARGET`
+        (no overflow) while gradients far below 1 move up out of float16's subnormal
+        range (no underflow). A power of two, so scaling and unscaling are exact.
+        """
+        local_max = []
+        for device, flat in zip(self.local_devices, flats):
+            with tf.device(device):
+                local_max.append(tf.reshape(tf.reduce_max(tf.abs(tf.cast(flat, tf.float32))), [1]))
+        largest = self.all_reduce_max(local_max, SCALE_SLOTS + slot)
+        scales = []
+        for device, value in zip(self.local_devices, largest):
+            with tf.device(device):
+                total = tf.cast(self.group_size, tf.float32) * value[0]
+                exponent = tf.floor(tf.math.log(FLOAT16_TARGET / total) / tf.math.log(2.0))
+                exponent = tf.clip_by_value(exponent, -100.0, 100.0)
+                scales.append(tf.where(total > 0, tf.pow(2.0, exponent), 1.0))
+        return scales
+
+    def compress(self, flats, wire_dtype, slot):
+        """`flats` cast to the wire dtype (float16: scaled first); and the scales used."""
+        if wire_dtype is None:
+            return flats, None
+        scales = self.float16_scales(flats, slot) if wire_dtype == tf.float16 else None
+        wired = []
+        for d, (device, flat) in enumerate(zip(self.local_devices, flats)):
+            with tf.device(device):
+                if scales is not None:
+                    flat = flat * tf.cast(scales[d], flat.dtype)
+                wired.append(tf.cast(flat, wire_dtype))
+        return wired, scales
+
+    def decompress(self, tensor, dtype, scales, d):
+        """A received tensor back in `dtype` (on the current device), unscaled."""
+        tensor = tf.cast(tensor, dtype)
+        if scales is not None:
+            tensor = tensor / tf.cast(scales[d], dtype)
+        return tensor
+
+    def all_reduce_buckets(self, per_device_lists, buckets, first_slot=0, final_op="Id",
+                           wire_dtype=None):
         """All-reduce lists of tensors bucket by bucket.
 
         Args:
@@ -199,6 +283,9 @@ class Collectives:
                 passed through).
             buckets: lists of positions (see `plan_buckets`), in the order to issue.
             first_slot: the slot of the first bucket's collective.
+            wire_dtype: None, or tf.bfloat16 / tf.float16: each bucket is cast to it
+                before the all-reduce (float16: scaled by `float16_scales`) and back
+                after, halving the bytes on the links.
 
         Returns:
             Per local device, the list with every bucketed position reduced.
@@ -211,7 +298,13 @@ class Collectives:
                     with tf.device(device):
                         parts = [tf.reshape(tensors[p], [-1]) for p in bucket]
                         flats.append(parts[0] if len(parts) == 1 else tf.concat(parts, 0))
-                reduced = self.all_reduce(flats, first_slot + number, final_op=final_op)
+                dtype = flats[0].dtype
+                wired, scales = self.compress(flats, wire_dtype, first_slot + number)
+                reduced = self.all_reduce(wired, first_slot + number, final_op=final_op)
+                if wire_dtype is not None:
+                    for d, device in enumerate(self.local_devices):
+                        with tf.device(device):
+                            reduced[d] = self.decompress(reduced[d], dtype, scales, d)
                 for d, (device, flat) in enumerate(zip(self.local_devices, reduced)):
                     with tf.device(device):
                         sizes = [int(per_device_lists[d][p].shape.num_elements()) for p in bucket]
@@ -244,7 +337,16 @@ class HierarchicalCollectives(Collectives):
         ]
         self.total = num_workers * len(local_devices)
 
-    def all_reduce(self, per_device, slot, final_op="Id"):
+    def all_reduce_max(self, per_device, slot):
+        local = Collectives.all_reduce(self, per_device, 3 * slot, merge_op="Max")
+        return [
+            cross.all_reduce_max([value], 3 * slot + 1)[0]
+            for cross, value in zip(self.cross, local)
+        ]
+
+    def all_reduce(self, per_device, slot, final_op="Id", merge_op="Add"):
+        if merge_op != "Add":
+            raise ValueError(f"Hierarchical all-reduce sums only. Received: merge_op={merge_op!r}")
         n = len(self.local_devices)
         local = super().all_reduce(per_device, 3 * slot)
         size = int(per_device[0].shape.num_elements())

@@ -45,16 +45,22 @@ class Replicated(base.Strategy):
             gradients every step, synchronous training).
         collectives: the all-reduce to use (`collective.Collectives` or
             `collective.HierarchicalCollectives`); default: between `devices`.
+        gradient_dtype: "float32" (gradients all-reduced as they are), "bfloat16" or
+            "float16" (cast before the all-reduce, back after; float16 scaled).
     """
 
     name = "replicated"
+    optimizer_state = "full"
 
     def __init__(self, devices, bucket_bytes=collective.DEFAULT_BUCKET_BYTES, sync_period=1,
-                 collectives=None):
+                 collectives=None, gradient_dtype="float32"):
         self.devices = list(devices)
         self.bucket_bytes = int(bucket_bytes)
         self.sync_period = int(sync_period)
         self.collectives = collectives or collective.Collectives(self.devices)
+        self.gradient_dtype = gradient_dtype
+        # What travels on the links: None for the variables' own dtype.
+        self._wire_dtype = None if gradient_dtype == "float32" else tf.as_dtype(gradient_dtype)
         self._template = None
         self._optimizer = None
         self._signature = None
@@ -94,8 +100,7 @@ class Replicated(base.Strategy):
                         )
                         for v in trainable
                     ]
-                    clone = optimizer.__class__.from_config(optimizer.get_config())
-                    clone.build(mirrors)
+                    clone = self._replica_optimizer(optimizer, mirrors)
                 self._mirrors.append(mirrors)
                 self._clones.append(clone)
             with tf.device(self.devices[0]):
@@ -105,6 +110,12 @@ class Replicated(base.Strategy):
                 }
         self._average_function = None
         self._sync_requested = True
+
+    def _replica_optimizer(self, optimizer, mirrors):
+        """A replica's optimizer: the compiled one's class and configuration, on its copy."""
+        clone = optimizer.__class__.from_config(optimizer.get_config())
+        clone.build(mirrors)
+        return clone
 
     @property
     def built(self):
@@ -148,6 +159,15 @@ class Replicated(base.Strategy):
         found = [v for mirrors in self._mirrors for v in mirrors]
         found += [v for clone in self._clones for v in clone.variables]
         return found + list(self._counters.values())
+
+    def held_variables(self):
+        """Replicas 1..N-1's copies of the weights and their optimizers' state."""
+        if not self.built:
+            return {"weights": [], "optimizer_state": []}
+        return {
+            "weights": [v for mirrors in self._mirrors for v in mirrors],
+            "optimizer_state": [v for clone in self._clones for v in clone.variables],
+        }
 
     # ----------------------------------------------------- refreshing the copies
     def request_sync(self):
@@ -236,6 +256,22 @@ class Replicated(base.Strategy):
             return tf.zeros(variable.shape, variable.dtype)
 
     def _synchronous_gradients(self, replica_gradients, extra_gradients, present):
+        per_device = self._dense_per_device(replica_gradients, extra_gradients, present)
+        buckets = [
+            [j for j in bucket if present[j]]
+            for bucket in collective.plan_buckets(
+                self._template.trainable_variables, self.bucket_bytes
+            )
+        ]
+        buckets = [b for b in buckets if b]
+        with tf.name_scope("all_reduce_gradients"):
+            return self.collectives.all_reduce_buckets(
+                per_device, buckets, wire_dtype=self._wire_dtype
+            )
+
+    def _dense_per_device(self, replica_gradients, extra_gradients, present):
+        """Per device, a dense gradient for every present variable (zeros for a replica
+        without a slice this step); the terms counted once are added on device 0."""
         count = len(self.devices)
         per_device = []
         for i in range(count):
@@ -252,15 +288,7 @@ class Replicated(base.Strategy):
                         gradient = extra if gradient is None else gradient + extra
                 row.append(self._zeros_like_variable(j, i) if gradient is None else gradient)
             per_device.append(row)
-        buckets = [
-            [j for j in bucket if present[j]]
-            for bucket in collective.plan_buckets(
-                self._template.trainable_variables, self.bucket_bytes
-            )
-        ]
-        buckets = [b for b in buckets if b]
-        with tf.name_scope("all_reduce_gradients"):
-            return self.collectives.all_reduce_buckets(per_device, buckets)
+        return per_device
 
     def _local_gradients(self, replica_gradients, extra_gradients, shares, present):
         """Each replica's gradient of its own slice's mean loss (plus its regularization)."""

@@ -10,7 +10,10 @@ every device (NCCL's ring algorithm moves the same). So one step's traffic is:
   receiving one (sizes from the static shapes of the traced step, which `measure_traffic`
   traces on a batch of known size);
 - every `CollectiveReduceV2`: 2 (n - 1) / n x its input's bytes, both ways, on its device;
-  every `CollectiveGatherV2`: (n - 1) x its input's bytes, both ways.
+  every `CollectiveGatherV2`: (n - 1) x its input's bytes, both ways; every
+  `CollectiveAllToAllV2` (the reduce-scatter of sharded optimizer state): (n - 1) / n x
+  its input's bytes, both ways (each of n rows but its own goes to another participant).
+  Sizes follow the dtype that travels (half for 16-bit gradients).
 
 Weight averaging that runs every H steps (local SGD) counts 1/H of its bytes per step.
 On one process (simulated devices) the "transfers" are in-memory hand-overs, but they are
@@ -144,6 +147,14 @@ def traffic_from_partitions(metadata, shapes, sync_period=1):
                     size = _tensor_bytes(node.input[0], nodes, shapes, node.attr["T"].type)
                     add(node.attr["send_device"].s.decode(), "sent", size)
                     add(node.attr["recv_device"].s.decode(), "received", size)
+                elif node.op == "CollectiveAllToAllV2":
+                    group = _const_int(node, 1, nodes, "group_size")
+                    if group is None or group < 2:
+                        continue
+                    payload = _tensor_bytes(node.input[0], nodes, shapes, node.attr["T"].type)
+                    moved = int(round((group - 1) / group * payload))
+                    add(node.device, "sent", moved)
+                    add(node.device, "received", moved)
                 elif node.op == "CollectiveGatherV2":
                     group = _const_int(node, 1, nodes, "group_size")
                     if group is None or group < 2:

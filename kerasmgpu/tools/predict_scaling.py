@@ -6,6 +6,8 @@ The bytes per step are the formulas' unless measured: `--measured-traffic bench.
 reads a `kerasmgpu bench` report's traffic section; `--measure-traffic` measures them
 here (`kerasmgpu.measure_traffic` in one worker process with max(--gpus) simulated
 devices, which share this machine's cores: nothing is timed).
+`--card-memory GB` adds the largest model that fits per device with the optimizer state
+replicated and sharded (`optimizer_state="sharded"`) for each GPU count.
 """
 
 import json
@@ -16,9 +18,12 @@ from kerasmgpu.tools.scaling import (
     AGGREGATIONS,
     DEFAULT_GPUS,
     LINKS,
+    STATE_SLOTS,
     add_prediction_arguments,
+    format_memory,
     format_report,
     gradient_bytes_of,
+    largest_models,
     parse_prediction_options,
     prediction_report,
 )
@@ -64,6 +69,19 @@ def add_parser(subparsers):
         help="measure those bytes now for every --gpus count (kerasmgpu.measure_traffic on "
         "simulated devices in a worker process; one traced step per count and layout)",
     )
+    parser.add_argument(
+        "--card-memory", type=float, default=None, metavar="GB",
+        help="also show the largest model (parameters) that fits per device of this many "
+        "GB, with the optimizer state replicated and sharded",
+    )
+    parser.add_argument(
+        "--optimizer", default="adam", choices=sorted(STATE_SLOTS),
+        help="the optimizer whose state --card-memory counts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reserved", type=float, default=0.0, metavar="FRACTION",
+        help="share of the card kept for activations with --card-memory (default: 0)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write JSON here")
     parser.set_defaults(run=run_command, command_parser=parser)
     return parser
@@ -84,6 +102,10 @@ def run_command(args):
             "Give either --measured-traffic or --measure-traffic, not both. "
             f"Received: --measured-traffic {args.measured_traffic} --measure-traffic"
         )
+    if args.card_memory is not None and args.card_memory <= 0:
+        raise UsageError(f"--card-memory must be > 0 GB. Received: {args.card_memory}")
+    if not 0.0 <= args.reserved < 1.0:
+        raise UsageError(f"--reserved must be in [0, 1). Received: {args.reserved}")
     models.validate_model_arguments(args)
     measured, measured_source = None, None
     if args.measured_traffic:
@@ -127,6 +149,14 @@ def run_command(args):
     )
     report["model"] = name
     print(format_report(report))
+    if args.card_memory is not None:
+        rows = largest_models(args.card_memory * 1e9, options["gpus"],
+                              STATE_SLOTS[args.optimizer], args.reserved)
+        report["memory"] = {"card_gb": args.card_memory, "optimizer": args.optimizer,
+                            "reserved": args.reserved, "largest_models": rows}
+        print()
+        print(format_memory(rows, args.card_memory, args.optimizer, args.reserved,
+                            model_parameters=gradient_bytes // 4))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -2,9 +2,10 @@
 
     python tests/cluster/cluster_worker.py OUT_DIR [--epochs N] [--backup DIR] [--slow]
         [--variables central|replicated] [--sync-period H]
+        [--optimizer-state full|sharded] [--gradient-dtype float32|bfloat16|float16]
         [--cluster-all-reduce hierarchical|flat]
         [--records DIR [--local-batch L] [--x-loss]]
-        [--batchnorm]
+        [--batchnorm] [--save PATH]
 
 Trains the digits MLP through multi_gpu_model on the local devices and writes
 OUT_DIR/result_<worker>.npz (weights) and OUT_DIR/result_<worker>.json (history).
@@ -13,7 +14,8 @@ With --records (TFRecord files written by zoo.records), the input is sharded: ea
 reads its own files (kerasmgpu.cluster.shard) in local batches of L. Alone, the script
 feeds the same global batches: every worker's local batch b, in worker order. With
 --x-loss the model's own compute_loss reads the inputs x (which sharded input gathers).
-With --batchnorm, an MLP with a synchronized BatchNormalization on 131 samples instead.
+With --save, `parallel.save(PATH)` after training (every worker calls it, the chief
+writes). With --batchnorm, an MLP with a synchronized BatchNormalization on 131 samples instead.
 """
 
 import argparse
@@ -57,6 +59,9 @@ def main():
     parser.add_argument("--slow", action="store_true")
     parser.add_argument("--variables", default="central")
     parser.add_argument("--sync-period", type=int, default=1)
+    parser.add_argument("--optimizer-state", default="full")
+    parser.add_argument("--gradient-dtype", default="float32")
+    parser.add_argument("--save")
     parser.add_argument("--cluster-all-reduce", default="hierarchical")
     parser.add_argument("--records")
     parser.add_argument("--local-batch", type=int, default=32)
@@ -75,7 +80,9 @@ def main():
         model.compile("sgd", "sparse_categorical_crossentropy")
     parallel = kerasmgpu.multi_gpu_model(model, gpus=len(kerasmgpu.visible_devices()),
                                          variables=args.variables,
-                                         sync_period=args.sync_period)
+                                         sync_period=args.sync_period,
+                                         optimizer_state=args.optimizer_state,
+                                         gradient_dtype=args.gradient_dtype)
     parallel.compile(keras.optimizers.SGD(0.05, momentum=0.9), model.loss, metrics=["accuracy"])
     callbacks = []
     if args.backup:
@@ -93,6 +100,8 @@ def main():
     else:
         history = parallel.fit(x, y, batch_size=64, epochs=args.epochs, callbacks=callbacks,
                                verbose=0)
+    if args.save:
+        parallel.save(args.save)  # every worker calls it; the chief writes
     name = "single" if cluster is None else str(cluster.worker_index)
     np.savez(os.path.join(args.out_dir, f"result_{name}.npz"), *model.get_weights())
     with open(os.path.join(args.out_dir, f"result_{name}.json"), "w") as f:

@@ -298,3 +298,25 @@ def test_predict_scaling_measures_the_traffic_itself(tmp_path, capsys):
     # A ring over 2 devices moves G each way, plus the batch slices and output gradients.
     assert min(replicated["sent"], replicated["received"]) >= g
     assert {p["bytes_source"] for p in report["predictions"]} == {"measured"}
+
+
+def test_sharded_optimizer_state_fits_larger_models_per_device():
+    # Adam: 16 bytes a parameter replicated; sharded over 4: 8 + 4 x 4 / 4 = 12.
+    assert scaling.bytes_per_parameter(4, 2, sharded=False) == 16
+    assert scaling.bytes_per_parameter(4, 2, sharded=True) == 12
+    rows = scaling.largest_models(16e9, [2, 8], 2)
+    assert rows[0]["full"] == 1_000_000_000 and rows[1]["sharded"] > rows[0]["sharded"]
+    assert rows[1]["sharded"] == int(16e9 // 10.0)  # (2 + 4 / 8) x 4 bytes
+
+
+def test_predict_scaling_shows_the_largest_model_per_card(tmp_path, capsys):
+    status, out, _ = run_cli(
+        ["predict-scaling", "--model", "tests.tools.test_bench:tiny_classifier", "--step-time",
+         "0.01", "--card-memory", "16", "--optimizer", "momentum", "--gpus", "2,4",
+         "--json", str(tmp_path / "p.json")], capsys,
+    )
+    assert status == 0
+    assert "Largest model per device on a 16 GB card" in out
+    rows = json.loads((tmp_path / "p.json").read_text())["memory"]["largest_models"]
+    assert [r["gpus"] for r in rows] == [2, 4]
+    assert rows[0]["full"] == int(16e9 // 12) and rows[1]["sharded"] == int(16e9 // 11)
