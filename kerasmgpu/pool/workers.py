@@ -455,9 +455,10 @@ class DevicePool:
                 codes = {self._exit_code(pid) for pid in self._processes} - {None}
                 # The executor stops the other workers with SIGTERM.
                 codes = sorted(codes - {-signal.SIGTERM} or codes)
+                exited = f" with code {', '.join(map(str, codes))}" if codes else ""
                 raise RuntimeError(
-                    f"A kerasmgpu pool worker exited with code {', '.join(map(str, codes))} "
-                    "while starting (see its error above). A script that starts a pool must "
+                    f"A kerasmgpu pool worker exited{exited} while starting (see its error "
+                    "above). A script that starts a pool must "
                     "do so under `if __name__ == \"__main__\":`, because each worker process "
                     "imports the script first."
                 ) from None
@@ -496,7 +497,7 @@ class DevicePool:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
 
-    def map(self, function, arguments, on_error="raise"):
+    def map(self, function, arguments, on_error="raise", callback=None):
         """Run `function(data, *args)` for each `args` of `arguments` on the workers.
 
         Each call runs in whichever worker is free first; results come back in the order
@@ -509,6 +510,8 @@ class DevicePool:
             on_error: "raise": a task that raises (or whose worker died more than
                 `retries` times) raises `TaskError` naming it and its device, with the
                 worker's traceback; "return": its result is a `TaskFailure` instead.
+            callback: optional function called as `callback(index, result)` as each
+                task's result arrives (in the order they finish).
 
         Returns:
             A list of the tasks' return values, in the order of `arguments`.
@@ -540,6 +543,8 @@ class DevicePool:
             results[index], finished[index] = value, True
             if bar is not None:
                 bar.add(1)
+            if callback is not None:
+                callback(index, value)
 
         while unfinished:
             self.start()
