@@ -362,8 +362,14 @@ def launch(command, workers, devices_per_worker=None, grace_seconds=30.0, env=No
 
 def _add_arguments(parser):
     parser.add_argument(
-        "--workers", type=int, required=True, metavar="N",
-        help="number of worker processes (at least 1)",
+        "--workers", type=int, default=None, metavar="N",
+        help="number of worker processes (at least 1); with --tuner, tuner workers "
+        "(default: one per device)",
+    )
+    parser.add_argument(
+        "--tuner", action="store_true",
+        help="run a KerasTuner script in its distributed mode: a chief holding the oracle "
+        "and one tuner worker per device (see kerasmgpu.cluster.tuner)",
     )
     parser.add_argument(
         "--devices-per-worker", type=int, default=None, metavar="D",
@@ -429,6 +435,13 @@ def run_command(args):
     Raises:
         UsageError: a flag value or the command is unusable (reported with exit status 2).
     """
+    if getattr(args, "tuner", False):
+        from kerasmgpu.cluster import tuner
+
+        return tuner.run_command(args)
+    if args.workers is None:
+        raise UsageError("--workers is required (the number of worker processes), unless "
+                         "--tuner is given")
     for flag, value in (("--workers", args.workers),
                         ("--devices-per-worker", args.devices_per_worker)):
         if value is not None and value < 1:
