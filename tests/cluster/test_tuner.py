@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from kerasmgpu.cluster import launch as launch_lib
 from kerasmgpu.cluster import tuner
 
 pytest.importorskip("keras_tuner")
@@ -39,6 +40,24 @@ def test_environments_give_the_chief_the_oracle_and_each_tuner_its_device_and_co
     assert tuner.default_workers(env, gpu_ids=["0", "1", "2"]) == 3
     with pytest.raises(ValueError, match="3 tuner workers need 3 GPUs"):
         tuner.tuner_environments(3, 8123, env, gpu_ids=["0", "1"], cores=4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--", "python"], "--workers is required (the number of worker processes), unless "
+                           "--tuner is given"),
+        (["--tuner", "--devices-per-worker", "2", "--", "python"],
+         "--devices-per-worker does not apply. Received: --devices-per-worker 2"),
+        (["--tuner", "--workers", "0", "--", "python"], "Received: --workers=0"),
+        (["--tuner"], "no command to launch"),
+    ],
+)
+def test_command_line_errors_name_the_flag_and_value(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        launch_lib.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def _launch_tuner(tmp_path, mode):
