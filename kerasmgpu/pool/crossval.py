@@ -23,8 +23,10 @@ import numpy as np
 
 from kerasmgpu.pool.workers import DevicePool, current_worker, sendable
 
-# "auto" runs about this many samples per call for a small model: measured on a 2-core
-# CPU, a batch-8 MLP on digits gains little beyond ~1,000 samples per call.
+# "auto" runs about this many samples per call for a small model: one or two calls per
+# epoch of a small dataset. On a 2-core CPU, batch-8 MLP epochs on digits ran 2.4x (256
+# hidden units) to 5x (32) faster at 128 batches per call than at one
+# (benchmarks/many_models.py, docs/many_models.md).
 AUTO_SAMPLES_PER_CALL = 1024
 # Larger models spend their time in arithmetic, not in per-call overhead: "auto" leaves
 # them at one batch per call.
