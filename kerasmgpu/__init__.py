@@ -14,6 +14,8 @@ Public API:
     resolve_devices(gpus, minimum=2, argument="gpus")
     slice_sizes(batch_size, num_replicas)
     split_model(model, devices, boundaries=None, microbatches=1) -> SplitModel
+    cross_validate(build_model, x, y, folds=5, devices=None, seed=0, **fit_kwargs)
+    DevicePool(devices=None, data=None, ...): one worker process per device, many tasks
     cluster: multi-worker training (TF_CONFIG, Slurm)
 """
 
@@ -26,6 +28,7 @@ from kerasmgpu.devices import (
     visible_devices,
 )
 from kerasmgpu.parallel import ParallelModel, multi_gpu_model
+from kerasmgpu.pool import DevicePool, cross_validate
 from kerasmgpu.slicing import slice_sizes
 from kerasmgpu.split import SplitModel, split_model
 
@@ -41,9 +44,11 @@ if cluster.connect_from_environment() is None and _simulated:
     visible_devices()
 
 __all__ = [
+    "DevicePool",
     "ParallelModel",
     "SplitModel",
     "cluster",
+    "cross_validate",
     "measure_memory",
     "measure_traffic",
     "multi_gpu_model",

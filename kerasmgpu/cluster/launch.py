@@ -704,7 +704,8 @@ def _listens(address):
 def _add_arguments(parser):
     parser.add_argument(
         "--workers", type=int, default=None, metavar="N",
-        help="number of worker processes of a cluster on this machine alone (at least 1)",
+        help="number of worker processes of a cluster on this machine alone (at least 1); with "
+        "--tuner, tuner workers (default: one per device)",
     )
     parser.add_argument(
         "--workers-per-node", type=int, default=None, metavar="K",
@@ -722,15 +723,21 @@ def _add_arguments(parser):
         help="this node's position in --hosts (0 for the first)",
     )
     parser.add_argument(
-        "--max-restarts", type=int, default=0, metavar="M",
+        "--max-restarts", type=int, default=None, metavar="M",
         help="when a worker fails, stop every worker and start them all again, up to M times "
-        "(default: %(default)s); training resumes from a keras.callbacks.BackupAndRestore "
+        "(default: 0; with --tuner, a tuner worker killed by a signal is started again alone, "
+        "up to M times, default 3); training resumes from a keras.callbacks.BackupAndRestore "
         "backup (the script's own, or --backup-dir)",
     )
     parser.add_argument(
         "--backup-dir", default=None, metavar="DIR",
         help="where ParallelModel.fit keeps a keras.callbacks.BackupAndRestore backup for "
         "scripts without one (KERASMGPU_BACKUP_DIR); on several nodes, storage every node reads",
+    )
+    parser.add_argument(
+        "--tuner", action="store_true",
+        help="run a KerasTuner script in its distributed mode: a chief holding the oracle "
+        "and one tuner worker per device (see kerasmgpu.cluster.tuner)",
     )
     parser.add_argument(
         "--devices-per-worker", type=int, default=None, metavar="D",
@@ -797,6 +804,10 @@ def run_command(args):
     Raises:
         UsageError: a flag value or the command is unusable (reported with exit status 2).
     """
+    if getattr(args, "tuner", False):
+        from kerasmgpu.cluster import tuner
+
+        return tuner.run_command(args)
     for flag, value in (("--workers", args.workers),
                         ("--workers-per-node", args.workers_per_node),
                         ("--devices-per-worker", args.devices_per_worker)):
@@ -807,6 +818,8 @@ def run_command(args):
             "give --workers N (a cluster on this machine) or --workers-per-node K (with "
             "--hosts and --node-rank, or in a Slurm job step: each node of several)"
         )
+    if args.max_restarts is None:
+        args.max_restarts = 0
     if args.max_restarts < 0:
         raise UsageError(
             f"--max-restarts must be a whole number >= 0. Received: --max-restarts "

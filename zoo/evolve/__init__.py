@@ -18,10 +18,9 @@ The package, one concept per module:
 
 - `genome`: the search space and the genetic operators (pure functions of a seed);
 - `data`: the dataset check and the flattened arrays with their validation split;
-- `devices`: the devices searched on (from `kerasmgpu.visible_devices()`) and how a
-  worker process is pinned to one;
+- `devices`: the devices searched on (from `kerasmgpu.visible_devices()`);
 - `fitness`: training one candidate, its validation accuracy;
-- `pool`: `CandidatePool`, the worker processes (`concurrent.futures`);
+- `pool`: `CandidatePool`, candidates trained on `kerasmgpu.DevicePool`;
 - `search`: `evolve` and `brute`; `bench`: `bench_generation`;
 - `report`: progress lines, the ranking table, the fitness plot; `cli`: the command line.
 
