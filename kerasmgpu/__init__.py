@@ -13,36 +13,86 @@ Public API:
     slice_sizes(batch_size, num_replicas)
     split_model(model, devices, boundaries=None, microbatches=1) -> SplitModel
     cluster: multi-worker training (TF_CONFIG)
+
+Importing kerasmgpu is light: the public names are loaded (with TensorFlow) on first use.
+What the environment asks for happens on import, before TensorFlow can start:
+`KERASMGPU_SIMULATED_DEVICES` (and `KERASMGPU_CORES_PER_DEVICE`) split the CPU into
+logical devices, and a `TF_CONFIG` naming several tasks joins that cluster. The one
+exception is the `kerasmgpu` command line, which must answer `--help` without starting
+TensorFlow: it parses its arguments first, and the set-up then runs on the first use of
+the library, as it would have on import.
 """
 
-from kerasmgpu import cluster
-from kerasmgpu.comm import measure_traffic
-from kerasmgpu.devices import (
-    resolve_devices,
-    simulate_devices,
-    simulate_devices_from_env,
-    visible_devices,
-)
-from kerasmgpu.parallel import ParallelModel, multi_gpu_model
-from kerasmgpu.slicing import slice_sizes
-from kerasmgpu.split import SplitModel, split_model
+import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
-if simulate_devices_from_env() and cluster.connect_from_environment() is None:
-    # Fix the simulated devices now, as the variable promises: a later
-    # simulate_devices(n) with another n is then an error, not a silent change.
-    visible_devices()
+# Public name -> the module that defines it (PEP 562 lazy attributes).
+_PUBLIC = {
+    "ParallelModel": "kerasmgpu.parallel",
+    "multi_gpu_model": "kerasmgpu.parallel",
+    "SplitModel": "kerasmgpu.split",
+    "split_model": "kerasmgpu.split",
+    "measure_traffic": "kerasmgpu.comm",
+    "resolve_devices": "kerasmgpu.devices",
+    "simulate_devices": "kerasmgpu.devices",
+    "visible_devices": "kerasmgpu.devices",
+    "slice_sizes": "kerasmgpu.slicing",
+}
 
-__all__ = [
-    "ParallelModel",
-    "SplitModel",
-    "cluster",
-    "measure_traffic",
-    "multi_gpu_model",
-    "resolve_devices",
-    "simulate_devices",
-    "slice_sizes",
-    "split_model",
-    "visible_devices",
-]
+__all__ = sorted([*_PUBLIC, "cluster"])
+
+_environment_applied = False
+
+
+def _apply_environment():
+    """Simulated devices and the TF_CONFIG cluster the environment asks for (once)."""
+    global _environment_applied
+    if _environment_applied:
+        return
+    _environment_applied = True
+    from kerasmgpu import devices
+    from kerasmgpu.cluster import worker
+
+    simulated = devices.simulate_devices_from_env()
+    joined = worker.connect_from_environment()
+    if simulated and joined is None:
+        # Fix the simulated devices now, as the variable promises: a later
+        # simulate_devices(n) with another n is then an error, not a silent change.
+        devices.visible_devices()
+
+
+def _environment_asks_for_setup():
+    return bool(os.environ.get("KERASMGPU_SIMULATED_DEVICES") or os.environ.get("TF_CONFIG"))
+
+
+def _started_as_command_line():
+    """Whether this process is the `kerasmgpu` command (console script or `-m kerasmgpu`)."""
+    main = sys.modules.get("__main__")
+    if os.path.basename(getattr(main, "__file__", None) or "") == "kerasmgpu":
+        return True  # the console script: bin/kerasmgpu
+    argv = list(getattr(sys, "orig_argv", []))
+    return "-m" in argv[:-1] and argv[argv.index("-m") + 1] in (
+        "kerasmgpu", "kerasmgpu.tools.cli", "kerasmgpu.cluster.launch", "kerasmgpu.bench",
+    )
+
+
+def __getattr__(name):
+    if name == "cluster":
+        return importlib.import_module("kerasmgpu.cluster")
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'kerasmgpu' has no attribute {name!r}")
+    _apply_environment()
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if _environment_asks_for_setup() and not _started_as_command_line():
+    _apply_environment()

@@ -12,10 +12,8 @@ import warnings
 
 import tensorflow as tf
 
-from kerasmgpu import _compat
-
-ENV_SIMULATED_DEVICES = "KERASMGPU_SIMULATED_DEVICES"
-ENV_CORES_PER_DEVICE = "KERASMGPU_CORES_PER_DEVICE"
+from kerasmgpu import _compat, options
+from kerasmgpu.options import ENV_CORES_PER_DEVICE, ENV_SIMULATED_DEVICES
 
 # On a cluster TensorFlow also lists the other workers' devices; replicas use this
 # worker's own, "/job:worker/replica:0/task:<index>".

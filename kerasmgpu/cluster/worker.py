@@ -37,7 +37,7 @@ from keras import tree
 
 from kerasmgpu import _compat, slicing
 from kerasmgpu import devices as devices_lib
-from kerasmgpu.cluster import network
+from kerasmgpu.cluster import epochs, network
 from kerasmgpu.cluster.local import SingleMachine
 
 ENV_TIMEOUT = "KERASMGPU_COLLECTIVE_TIMEOUT"
@@ -362,13 +362,11 @@ class Cluster:
         workers with fewer batches would leave the others waiting in a collective. The
         workers agree on the longest epoch (one all-gather) and the others append empty
         batches, which add no rows to the global batch: no data is dropped, nothing
-        hangs. See `kerasmgpu.cluster.sharding.agree_on_steps`.
+        hangs. See `kerasmgpu.cluster.epochs.agree_on_steps`.
         """
         if not self.sharded:
             return args, kwargs
-        from kerasmgpu.cluster import sharding
-
-        return sharding.agree_on_call(self, call, args, kwargs)
+        return epochs.agree_on_call(self, call, args, kwargs)
 
     # ------------------------------------------------------------ collectives
     def _next_key(self):

@@ -12,17 +12,16 @@ way argparse reports a malformed flag.
 
 import argparse
 import importlib
+import os
 import sys
+
+from kerasmgpu.options import UsageError
 
 COMMAND_MODULES = (
     "kerasmgpu.tools.bench",
     "kerasmgpu.tools.predict_scaling",
     "kerasmgpu.cluster.launch",
 )
-
-
-class UsageError(ValueError):
-    """A command-line request that cannot be carried out (reported without a traceback)."""
 
 
 def build_parser():
@@ -40,6 +39,10 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="kerasmgpu",
         description="kerasmgpu: multi_gpu_model for Keras 3 (benchmarks and tools).",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show TensorFlow's own log lines (hidden by default)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -64,16 +67,29 @@ def main(argv=None):
     cli.main(["bench", "--devices", "1,2", "--steps", "5"])
     ```
     """
+    # Nothing here imports TensorFlow: `--help` and usage errors answer at once.
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run = getattr(args, "run", None)
     if run is None:
         parser.print_help(sys.stderr)
         return 2
+    if not args.verbose:
+        quiet_tensorflow()
     try:
         return run(args) or 0
     except UsageError as error:
         args.command_parser.error(str(error))
+
+
+def quiet_tensorflow():
+    """Keep TensorFlow's start-up lines (CUDA, oneDNN, absl) out of a command's output.
+
+    Why here: they are printed when TensorFlow is first imported, which a command does
+    only once its arguments are parsed; `-v` keeps them. A level the user set is kept.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ devices, which share this machine's cores: nothing is timed).
 
 import json
 
-from kerasmgpu.tools import flops, models
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.tools import models
+from kerasmgpu.options import UsageError
 from kerasmgpu.tools.scaling import (
     AGGREGATIONS,
     DEFAULT_GPUS,
@@ -98,6 +98,8 @@ def run_command(args):
     model = models.build_model(builder, name)
     gradient_bytes = gradient_bytes_of(model)
     if args.gpu_tflops is not None:
+        from kerasmgpu.tools import flops  # TensorFlow: only to run, never for --help
+
         forward, _ = flops.forward_flops_per_sample(model)
         compute_time, source = models.compute_time_from_tflops(
             flops.TRAINING_FLOPS_FACTOR * forward, args.batch_size, args.gpu_tflops

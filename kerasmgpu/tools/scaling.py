@@ -44,7 +44,7 @@ global batch that reaches 80% efficiency, taking compute time as proportional to
 import dataclasses
 import math
 
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.options import UsageError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,9 @@ import math
 import os
 import sys
 
-from kerasmgpu.devices import ENV_SIMULATED_DEVICES
+from kerasmgpu.options import ENV_SIMULATED_DEVICES
 from kerasmgpu.tools import models, scaling
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.options import UsageError
 
 DEFAULT_JSON = "kerasmgpu_bench.json"
 DEFAULT_PLOT = "kerasmgpu_bench.png"
