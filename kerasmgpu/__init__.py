@@ -24,6 +24,7 @@ the library, as it would have on import.
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -65,7 +66,8 @@ def _apply_environment():
 
 
 def _environment_asks_for_setup():
-    return bool(os.environ.get("KERASMGPU_SIMULATED_DEVICES") or os.environ.get("TF_CONFIG"))
+    return any(os.environ.get(name) for name in (
+        "KERASMGPU_SIMULATED_DEVICES", "KERASMGPU_CORES_PER_DEVICE", "TF_CONFIG"))
 
 
 def _started_as_command_line():
@@ -80,14 +82,17 @@ def _started_as_command_line():
 
 
 def __getattr__(name):
-    if name == "cluster":
-        return importlib.import_module("kerasmgpu.cluster")
-    if name not in _PUBLIC:
+    if name in _PUBLIC:
+        _apply_environment()
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    if importlib.util.find_spec(f"kerasmgpu.{name}") is None:
         raise AttributeError(f"module 'kerasmgpu' has no attribute {name!r}")
-    _apply_environment()
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value
-    return value
+    # A submodule (kerasmgpu.cluster, kerasmgpu.comm, ...), as an eager package had them.
+    if name not in ("options", "tools"):
+        _apply_environment()
+    return importlib.import_module(f"kerasmgpu.{name}")
 
 
 def __dir__():

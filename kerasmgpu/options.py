@@ -38,8 +38,8 @@ def _is_bool(value):
     return isinstance(value, bool) or type(value).__name__ == "bool_"
 
 
-def _is_whole(value):
-    """An int (numpy's integers too), not a bool."""
+def is_whole_number(value):
+    """Whether `value` is an int (numpy's integers too), not a bool."""
     return isinstance(value, numbers.Integral) and not _is_bool(value)
 
 
@@ -87,7 +87,7 @@ def whole_number(value, name, minimum=None, maximum=None, allow_none=False):
     """
     if value is None and allow_none:
         return None
-    if _is_whole(value) and (minimum is None or value >= minimum) and (
+    if is_whole_number(value) and (minimum is None or value >= minimum) and (
             maximum is None or value <= maximum):
         return int(value)
     raise ValueError(
@@ -130,11 +130,11 @@ def byte_size(value, name, minimum=1, allow_none=False):
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, numbers.Real) and not _is_bool(value) and not _is_whole(value):
+    if isinstance(value, numbers.Real) and not _is_bool(value) and not is_whole_number(value):
         number = float(value)
         if math.isfinite(number) and number.is_integer():
             value = int(number)
-    if _is_whole(value) and value >= minimum:
+    if is_whole_number(value) and value >= minimum:
         return int(value)
     raise ValueError(
         f"{name} must be a whole number of bytes >= {minimum} (e.g. 25_000_000 or 25e6)"
@@ -231,7 +231,7 @@ def environment_whole_number(variable, minimum=1, environ=None):
         value = None
     if value is None or value < minimum:
         raise ValueError(
-            f"{variable} must be a whole number >= {minimum}. Received: {variable}={text!r}"
+            f"{variable} must be a whole number >= {minimum}. Received: {text!r}"
         )
     return value
 

@@ -51,8 +51,7 @@ import sys
 
 from kerasmgpu.cluster import network as network_lib
 from kerasmgpu.cluster import supervise
-from kerasmgpu.options import ENV_SIMULATED_DEVICES
-from kerasmgpu.options import UsageError
+from kerasmgpu.options import ENV_SIMULATED_DEVICES, UsageError
 
 ENV_WORKER_INDEX = "KERASMGPU_WORKER_INDEX"
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")

@@ -12,10 +12,13 @@ Uneven shards (every worker must run the same number of steps per epoch) are
 `kerasmgpu.cluster.epochs`' concern; its functions are re-exported here.
 """
 
+import warnings
+
 import tensorflow as tf
 
-from kerasmgpu import _compat
+from kerasmgpu import _compat, options
 from kerasmgpu.cluster import worker as worker_lib
+
 # Re-exported: the agreement on steps per epoch that sharded input needs.
 from kerasmgpu.cluster.epochs import (  # noqa: F401
     agree_on_call,
@@ -30,6 +33,11 @@ READER_OPS = (
     "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2",
 )
 POLICIES = ("auto", "file", "data")
+# Dataset ops that batch: a pipeline holding one is batched already.
+BATCH_OPS = (
+    "BatchDataset", "BatchDatasetV2", "PaddedBatchDataset", "PaddedBatchDatasetV2",
+    "ParallelBatchDataset", "MapAndBatchDataset", "ExperimentalMapAndBatchDataset",
+)
 
 
 def shard(dataset, policy="auto", num_workers=None, worker_index=None):
@@ -77,19 +85,25 @@ def shard(dataset, policy="auto", num_workers=None, worker_index=None):
             f"shard() expects a tf.data.Dataset. Received: dataset={dataset!r} of type "
             f"{type(dataset).__name__}"
         )
-    if policy not in POLICIES:
-        raise ValueError(f"shard()'s policy must be one of {POLICIES}. Received: policy={policy!r}")
+    options.one_of(policy, "policy", POLICIES)
+    if _compat.dataset_op_types(dataset) & set(BATCH_OPS):
+        # Sharding batches would give each worker whole global batches in turn: a global
+        # batch W times the size asked for, and steps per epoch W times fewer.
+        warnings.warn(
+            "shard() received a dataset that is batched already. Shard first, then batch "
+            "with the local batch size: kerasmgpu.cluster.shard(dataset).batch(local_batch). "
+            f"Received: dataset with element_spec {dataset.element_spec}",
+            stacklevel=2,
+        )
     cluster = worker_lib.current()
     if num_workers is None:
         num_workers = 1 if cluster is None else cluster.num_workers
     if worker_index is None:
         worker_index = 0 if cluster is None else cluster.worker_index
-    if not (isinstance(num_workers, int) and num_workers >= 1
-            and isinstance(worker_index, int) and 0 <= worker_index < num_workers):
-        raise ValueError(
-            "shard() needs num_workers >= 1 and 0 <= worker_index < num_workers. Received: "
-            f"num_workers={num_workers!r}, worker_index={worker_index!r}"
-        )
+    num_workers = options.whole_number(num_workers, "num_workers", minimum=1)
+    worker_index = options.whole_number(
+        worker_index, "worker_index", minimum=0, maximum=num_workers - 1
+    )
     if cluster is not None:
         worker_lib.set_input("sharded")
     if num_workers == 1:

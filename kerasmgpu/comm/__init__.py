@@ -12,6 +12,7 @@ with the same `combine` method (`base.Strategy`), chosen by `ParallelModel`'s op
 - `traffic`: the bytes each device sends and receives in one step (`measure_traffic`).
 """
 
+from kerasmgpu import options
 from kerasmgpu.comm import collective
 from kerasmgpu.comm.base import Strategy
 from kerasmgpu.comm.central import Central
@@ -28,32 +29,36 @@ CLUSTER_ALL_REDUCE = "hierarchical"
 
 
 def check_layout(variables, sync_period, bucket_bytes):
-    """Raise a clear ValueError for layout options that cannot work (at wrap time)."""
-    if variables not in VARIABLE_LAYOUTS:
-        raise ValueError(
-            f"variables must be one of {VARIABLE_LAYOUTS}: 'replicated' keeps a copy of the "
-            "weights per device (all-reduce), 'central' one copy on one device, 'auto' "
-            "picks 'replicated' on GPUs and 'central' otherwise. "
-            f"Received: variables={variables!r}"
-        )
-    if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
-        raise ValueError(
-            "sync_period must be a whole number >= 1 (average the replicas' weights every "
-            f"that many steps; 1 is synchronous training). Received: sync_period={sync_period!r}"
-        )
+    """Check the layout options at wrap time; return them normalised.
+
+    `sync_period` accepts numpy integers and `bucket_bytes` whole floats (`25e6`); an option
+    that does nothing in the layout asked for (`sync_period` or `bucket_bytes` with
+    `variables="central"`) is an error rather than silently ignored. With "auto" they are
+    accepted: they apply where "auto" picks "replicated" (two or more GPUs).
+
+    Returns:
+        `(variables, sync_period, bucket_bytes)`.
+    """
+    options.one_of(
+        variables, "variables", VARIABLE_LAYOUTS,
+        "'replicated' keeps a copy of the weights per device (all-reduce), 'central' one "
+        "copy on one device, 'auto' picks 'replicated' on GPUs and 'central' otherwise.",
+    )
+    sync_period = options.whole_number(sync_period, "sync_period", minimum=1)
+    bucket_bytes = options.byte_size(bucket_bytes, "bucket_bytes", allow_none=True)
     if sync_period != 1 and variables == "central":
         raise ValueError(
             "sync_period > 1 (local SGD) needs a copy of the weights per device: use "
             f"variables='replicated'. Received: sync_period={sync_period!r} with "
             f"variables={variables!r}"
         )
-    if bucket_bytes is not None and (
-        isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1
-    ):
-        raise ValueError(
-            "bucket_bytes must be a whole number of bytes >= 1 (default "
-            f"{DEFAULT_BUCKET_BYTES}). Received: bucket_bytes={bucket_bytes!r}"
+    if variables == "central":
+        options.only_with(
+            "bucket_bytes", bucket_bytes, None,
+            "variables='replicated' (the all-reduce buckets between weight copies)",
+            "variables", variables,
         )
+    return variables, sync_period, bucket_bytes
 
 
 def resolve_layout(variables, devices, sync_period=1):
@@ -78,7 +83,7 @@ def resolve_layout(variables, devices, sync_period=1):
 
 def make_strategy(variables, devices, workers, sync_period=1, bucket_bytes=None):
     """The strategy for a layout, on these replica devices and workers (checked first)."""
-    check_layout(variables, sync_period, bucket_bytes)
+    variables, sync_period, bucket_bytes = check_layout(variables, sync_period, bucket_bytes)
     variables = resolve_layout(variables, devices, sync_period)
     if variables == "central":
         return Central()

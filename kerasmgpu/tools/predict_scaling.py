@@ -10,8 +10,8 @@ devices, which share this machine's cores: nothing is timed).
 
 import json
 
-from kerasmgpu.tools import models
 from kerasmgpu.options import UsageError
+from kerasmgpu.tools import models
 from kerasmgpu.tools.scaling import (
     AGGREGATIONS,
     DEFAULT_GPUS,

@@ -6,9 +6,8 @@ import math
 import os
 import sys
 
-from kerasmgpu.options import ENV_SIMULATED_DEVICES
+from kerasmgpu.options import ENV_SIMULATED_DEVICES, UsageError
 from kerasmgpu.tools import models, scaling
-from kerasmgpu.options import UsageError
 
 DEFAULT_JSON = "kerasmgpu_bench.json"
 DEFAULT_PLOT = "kerasmgpu_bench.png"
