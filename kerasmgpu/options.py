@@ -256,3 +256,61 @@ def only_with(name, value, default, needs, layout_name, layout):
             f"{name} has no effect with {layout_name}={layout!r}: it applies only with "
             f"{needs}. Received: {name}={value!r} with {layout_name}={layout!r}"
         )
+
+
+def finite_float(text):
+    """An argparse `type=` for a real number flag: refuses `nan` and `inf` as it parses.
+
+    Why: `float("nan")` and `float("inf")` parse, and then every comparison with a bound
+    is False (NaN) or a result is meaningless (a predicted speed-up from an infinite step
+    time); the flag is refused before any work instead.
+
+    Example:
+
+    ```python
+    parser.add_argument("--step-time", type=options.finite_float)
+    ```
+    """
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def writable_file(path, flag, error=UsageError):
+    """Check, before any work, that a result can be written to `path`.
+
+    Why: a benchmark that runs for minutes and then fails to write its JSON loses its
+    results; the directory must exist and be writable, and `path` must not be a
+    directory or a read-only file. Nothing is created here.
+
+    Args:
+        path: where the result will be written ("" or None: nothing to check).
+        flag: the flag or parameter that named it.
+        error: the exception class (`UsageError` for flags).
+
+    Example:
+
+    ```python
+    options.writable_file(args.json, "--json")
+    ```
+    """
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        problem = "is a directory"
+    elif not os.path.isdir(directory):
+        problem = f"is in a directory that does not exist ({directory})"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        problem = "is a file that cannot be written"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        problem = f"is in a directory that cannot be written ({directory})"
+    else:
+        return
+    raise error(f"{flag} {path} {problem}; the results would be lost. Received: {flag} {path}")

@@ -35,7 +35,7 @@ import sys
 import tensorflow as tf
 from keras import tree
 
-from kerasmgpu import _compat, slicing
+from kerasmgpu import _compat, options, slicing
 from kerasmgpu import devices as devices_lib
 from kerasmgpu.cluster import epochs, network
 from kerasmgpu.cluster.local import SingleMachine
@@ -159,11 +159,27 @@ def connect(timeout_seconds=None, register_timeout_seconds=None):
             '"task": {"type": "worker", "index": 0}}. It is not set.'
         )
     workers, index = parsed
-    timeout = float(timeout_seconds or os.environ.get(ENV_TIMEOUT, 60))
-    register = float(register_timeout_seconds or os.environ.get(ENV_REGISTER_TIMEOUT, 120))
+    timeout = _seconds(timeout_seconds, "timeout_seconds", ENV_TIMEOUT, 60.0)
+    register = _seconds(register_timeout_seconds, "register_timeout_seconds",
+                        ENV_REGISTER_TIMEOUT, 120.0)
     mode = check_input_mode(os.environ.get(ENV_INPUT, "global"))
     _current = Cluster(workers, index, timeout, register, input_mode=mode)
     return _current
+
+
+def _seconds(value, name, variable, default):
+    """A timeout from the argument, else its environment variable, else `default`."""
+    if value is not None:
+        return options.finite_number(value, name, above=0)
+    text = os.environ.get(variable)
+    if text is None or not text.strip():
+        return default
+    try:
+        return options.finite_number(float(text), variable, above=0)
+    except ValueError:
+        raise ValueError(
+            f"{variable} must be a finite number of seconds > 0. Received: {variable}={text!r}"
+        ) from None
 
 
 def set_input(mode):

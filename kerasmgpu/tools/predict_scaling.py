@@ -10,7 +10,7 @@ devices, which share this machine's cores: nothing is timed).
 
 import json
 
-from kerasmgpu.options import UsageError
+from kerasmgpu.options import UsageError, finite_float, writable_file
 from kerasmgpu.tools import models
 from kerasmgpu.tools.scaling import (
     AGGREGATIONS,
@@ -34,7 +34,7 @@ def add_parser(subparsers):
     models.add_model_arguments(parser)
     add_prediction_arguments(parser)
     parser.add_argument(
-        "--step-time", type=float, default=None, metavar="SECONDS",
+        "--step-time", type=finite_float, default=None, metavar="SECONDS",
         help="training step time on one GPU at --batch-size (default: measure plain Keras "
         "on this machine's first device, unless --gpu-tflops is given)",
     )
@@ -71,7 +71,8 @@ def add_parser(subparsers):
 
 def run_command(args):
     """Run `kerasmgpu predict-scaling` with parsed arguments."""
-    options = parse_prediction_options(args)
+    writable_file(args.json, "--json")
+    prediction_options = parse_prediction_options(args)
     if args.step_time is not None and args.step_time <= 0:
         raise UsageError(f"--step-time must be > 0 seconds. Received: {args.step_time}")
     if args.step_time is not None and args.gpu_tflops is not None:
@@ -116,16 +117,16 @@ def run_command(args):
         from kerasmgpu.tools.bench.traffic import measured_bytes, section
 
         entries = runner.measure_traffic_only(
-            args.model, options["gpus"], args.batch_size, args.seed
+            args.model, prediction_options["gpus"], args.batch_size, args.seed
         )
         measured = measured_bytes(section(entries))
         measured_source = (
             f"measured now: kerasmgpu.measure_traffic at batch {args.batch_size} on "
-            f"{max(options['gpus'])} simulated devices"
+            f"{max(prediction_options['gpus'])} simulated devices"
         )
     report = prediction_report(
         compute_time, source, gradient_bytes, args.batch_size, measured=measured,
-        measured_source=measured_source, **options
+        measured_source=measured_source, **prediction_options
     )
     report["model"] = name
     print(format_report(report))

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+from kerasmgpu import options
 from kerasmgpu.options import ENV_SIMULATED_DEVICES, UsageError
 from kerasmgpu.tools import models, scaling
 
@@ -198,6 +199,9 @@ def run_command(args):
     from kerasmgpu.tools.bench.traffic import format_table as format_traffic
 
     models.validate_model_arguments(args)
+    # Where the results go is checked before minutes of measurement, not after.
+    options.writable_file(args.json, "--json")
+    options.writable_file(args.plot, "--plot")
     counts = (
         default_device_counts() if args.devices is None else parse_device_counts(args.devices)
     )
