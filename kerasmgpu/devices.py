@@ -284,7 +284,7 @@ def _local_device_name(entry, argument, listed, shown):
     if spec is None or not spec.device_type:
         raise ValueError(
             f"Device {entry!r} in {argument}={listed} is not a device name such as "
-            f"'/gpu:1' or 'CPU:0'. Visible devices: {shown}."
+            f"'/gpu:1' or 'CPU:0'. Visible devices: {shown}. Received: {argument}={listed}"
         )
     own_job, own_task = _local_task or ("localhost", 0)
     if (spec.job not in (None, own_job) or spec.task not in (None, own_task)
@@ -292,8 +292,8 @@ def _local_device_name(entry, argument, listed, shown):
         raise ValueError(
             f"Device {entry!r} in {argument}={listed} is not a device of this process "
             f"(job {own_job!r}, task {own_task}): replicas run on this process's devices; "
-            "other workers of a cluster train their own. Visible devices: "
-            f"{shown}."
+            f"other workers of a cluster train their own. Visible devices: {shown}. "
+            f"Received: {argument}={listed}"
         )
     return name
 

@@ -35,7 +35,10 @@ class UsageError(ValueError):
 
 
 def _is_bool(value):
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    """A bool, numpy's too (without importing numpy: this module stays light)."""
+    kind = type(value)
+    return isinstance(value, bool) or (
+        kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
 
 
 def is_whole_number(value):
