@@ -482,14 +482,21 @@ def _check_input(template, call, args, kwargs):
     element = x.element_spec
     features = element[0] if isinstance(element, tuple) else element
     specs = [spec for spec in tree.flatten(features) if hasattr(spec, "shape")]
-    for spec, tensor in zip(specs, inputs):
-        if spec.shape.rank is not None and spec.shape.rank == len(tensor.shape) - 1:
-            raise ValueError(
-                f"{call}() received a tf.data.Dataset of single samples: its x element shape "
-                f"is {tuple(spec.shape)}, and the model {template.name!r} takes batches of "
-                f"shape {tuple(tensor.shape)}. Batch the dataset first, e.g. "
-                f"dataset.batch(64). Received: x with element_spec {element}"
-            )
+    # Every input one rank short: unbatched. (All of them, so that inputs paired in
+    # another order than the model's, e.g. a dict's, can never look unbatched: the ranks'
+    # sums would differ by the number of inputs.)
+    if len(specs) == len(inputs) and all(
+        spec.shape.rank is not None and spec.shape.rank == len(tensor.shape) - 1
+        for spec, tensor in zip(specs, inputs)
+    ):
+        shapes = ", ".join(str(tuple(spec.shape)) for spec in specs)
+        expected = ", ".join(str(tuple(tensor.shape)) for tensor in inputs)
+        raise ValueError(
+            f"{call}() received a tf.data.Dataset of single samples: its x element shape "
+            f"is {shapes}, and the model {template.name!r} takes batches of shape "
+            f"{expected}. Batch the dataset first, e.g. dataset.batch(64). "
+            f"Received: x with element_spec {element}"
+        )
 
 
 def _with_logits(tensor):
