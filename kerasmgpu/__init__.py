@@ -14,13 +14,12 @@ Public API:
     split_model(model, devices, boundaries=None, microbatches=1) -> SplitModel
     cluster: multi-worker training (TF_CONFIG)
 
-Importing kerasmgpu is light: the public names are loaded (with TensorFlow) on first use.
-What the environment asks for happens on import, before TensorFlow can start:
+What the environment asks for happens on import, before the script can start TensorFlow:
 `KERASMGPU_SIMULATED_DEVICES` (and `KERASMGPU_CORES_PER_DEVICE`) split the CPU into
-logical devices, and a `TF_CONFIG` naming several tasks joins that cluster. The one
-exception is the `kerasmgpu` command line, which must answer `--help` without starting
-TensorFlow: it parses its arguments first, and the set-up then runs on the first use of
-the library, as it would have on import.
+logical devices, and a `TF_CONFIG` naming several tasks joins that cluster. The public
+names themselves are loaded on first use (PEP 562). The one exception is the `kerasmgpu`
+command line, which must answer `--help` without starting TensorFlow: it parses its
+arguments first, and the set-up then runs on the first use of the library.
 """
 
 import importlib
@@ -65,11 +64,6 @@ def _apply_environment():
         devices.visible_devices()
 
 
-def _environment_asks_for_setup():
-    return any(os.environ.get(name) for name in (
-        "KERASMGPU_SIMULATED_DEVICES", "KERASMGPU_CORES_PER_DEVICE", "TF_CONFIG"))
-
-
 def _started_as_command_line():
     """Whether this process is the `kerasmgpu` command (console script or `-m kerasmgpu`)."""
     main = sys.modules.get("__main__")
@@ -99,5 +93,7 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-if _environment_asks_for_setup() and not _started_as_command_line():
+# Whatever the environment describes (simulated devices, a TF_CONFIG cluster, and any
+# other way of joining the cluster module knows) is set up on import, as always.
+if not _started_as_command_line():
     _apply_environment()
