@@ -25,7 +25,9 @@ LAYERS = {
     "options": 0,
     "_compat": 1, "devices": 1, "slicing": 1,
     "trainer": 2, "comm": 2, "cluster": 2, "batchnorm": 2, "distill": 2,
+    "tower": 2,  # one replica program (issue #21), beside the trainer
     "parallel": 3, "split": 3,
+    "pool": 3,  # many models at once (issue #24), beside parallel
     "tools": 4, "bench": 4, "__main__": 4,
 }
 API_LAYER = 4  # `import kerasmgpu` itself: the public API, above the library
