@@ -53,6 +53,9 @@ def _apply_environment():
     if _environment_applied:
         return
     _environment_applied = True
+    from kerasmgpu import options
+
+    options.simulated_devices_environment()  # a wrong value fails before TensorFlow loads
     from kerasmgpu import devices
     from kerasmgpu.cluster import worker
 

@@ -138,17 +138,8 @@ def simulate_devices_from_env():
     Returns:
         Whether the variable was set.
     """
-    n = options.environment_whole_number(ENV_SIMULATED_DEVICES)
-    cores = options.environment_whole_number(ENV_CORES_PER_DEVICE)
+    n, cores = options.simulated_devices_environment()
     if n is None:
-        if cores is not None:
-            # Cores per device describe simulated devices; alone they would do nothing.
-            raise ValueError(
-                f"{ENV_CORES_PER_DEVICE} has no effect without {ENV_SIMULATED_DEVICES}: set "
-                f"both (e.g. {ENV_SIMULATED_DEVICES}=2 {ENV_CORES_PER_DEVICE}={cores}) or "
-                f"neither. Received: {ENV_CORES_PER_DEVICE}={cores}, {ENV_SIMULATED_DEVICES} "
-                "not set"
-            )
         return False
     try:
         # Configure only: TensorFlow must stay uninitialised here so that a cluster

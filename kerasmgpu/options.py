@@ -239,6 +239,34 @@ def environment_whole_number(variable, minimum=1, environ=None):
     return value
 
 
+def simulated_devices_environment(environ=None):
+    """`KERASMGPU_SIMULATED_DEVICES` and `KERASMGPU_CORES_PER_DEVICE`, checked.
+
+    Checked here, before TensorFlow is imported, so that a wrong value fails at once.
+    Cores per device describe simulated devices: set alone, the variable would do
+    nothing, so it is an error.
+
+    Returns:
+        `(devices, cores_per_device)`, each an int or None when unset.
+
+    Example:
+
+    ```python
+    n, cores = options.simulated_devices_environment()
+    ```
+    """
+    n = environment_whole_number(ENV_SIMULATED_DEVICES, environ=environ)
+    cores = environment_whole_number(ENV_CORES_PER_DEVICE, environ=environ)
+    if n is None and cores is not None:
+        raise ValueError(
+            f"{ENV_CORES_PER_DEVICE} has no effect without {ENV_SIMULATED_DEVICES}: set "
+            f"both (e.g. {ENV_SIMULATED_DEVICES}=2 {ENV_CORES_PER_DEVICE}={cores}) or "
+            f"neither. Received: {ENV_CORES_PER_DEVICE}={cores}, {ENV_SIMULATED_DEVICES} "
+            "not set"
+        )
+    return n, cores
+
+
 def only_with(name, value, default, needs, layout_name, layout):
     """An option set to other than its default where it does nothing is an error.
 
