@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 
 from kerasmgpu.options import UsageError
 
@@ -76,6 +77,8 @@ def main(argv=None):
         return 2
     if not args.verbose:
         quiet_tensorflow()
+        if getattr(args, "uses_tensorflow", False):
+            start_tensorflow_quietly()
     try:
         return run(args) or 0
     except UsageError as error:
@@ -90,6 +93,32 @@ def quiet_tensorflow():
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+
+
+def start_tensorflow_quietly():
+    """Import TensorFlow and find its devices with the process's standard error set aside.
+
+    Why: TensorFlow's C++ start-up lines (CUDA stubs, cuInit, absl's "All log messages
+    before absl::InitializeLog()") are written to file descriptor 2 before any log level
+    applies. They are kept in a temporary file and shown only if starting fails. Only
+    commands that run TensorFlow in this process call it (`uses_tensorflow=True`).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as aside:
+        os.dup2(aside.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            aside.seek(0)
+            sys.stderr.write(aside.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def add_parser(subparsers):
         "simulated devices in a worker process; one traced step per count and layout)",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write JSON here")
-    parser.set_defaults(run=run_command, command_parser=parser)
+    parser.set_defaults(run=run_command, command_parser=parser, uses_tensorflow=True)
     return parser
 
 

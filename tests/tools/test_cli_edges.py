@@ -1,6 +1,7 @@
 """The command line refuses what it cannot do before doing any work."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -53,3 +54,17 @@ def test_launch_says_so_on_its_output(capsys):
                           sys.executable, "-c", "pass"])
     assert status == 0
     assert "kerasmgpu launch: warning:" in capsys.readouterr().err
+
+
+def test_a_command_running_tensorflow_prints_none_of_its_start_up_lines():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("TF_CPP_MIN_LOG_LEVEL", "KERASMGPU_SIMULATED_DEVICES")}
+    environment["PYTHONPATH"] = root
+    result = subprocess.run(
+        [sys.executable, "-m", "kerasmgpu", "predict-scaling", "--model", "mnist_mlp",
+         "--gpu-tflops", "10"], capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Predicted scaling" in result.stdout
+    assert result.stderr == ""  # no CUDA, cuInit or absl lines (kerasmgpu -v keeps them)

@@ -154,7 +154,7 @@ def add_parser(subparsers):
     )
     scaling.add_prediction_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run_command, command_parser=parser)
+    parser.set_defaults(run=run_command, command_parser=parser, uses_tensorflow=True)
     return parser
 
 
