@@ -18,8 +18,8 @@ TensorFlow 2.21). When an upgrade breaks one, this is the file to fix.
   (the callback has no read-only option).
 - `Functional._nodes_by_depth`, `_outputs_struct`, `_standardize_inputs`: cutting a
   functional model into pipeline stages (Keras has no public graph walk).
-- `collective_ops.all_reduce` (the V1 collective) and `BatchNormalization._moments`,
-  `_reduction_axes`: synchronized BatchNorm statistics between the replicas of a process.
+- `BatchNormalization._moments`, `_reduction_axes`: synchronized BatchNorm statistics
+  between the replicas of a process.
 - `context.context()._context_handle`, `configure_coordination_service`: joining a cluster
   before TensorFlow starts (tf.distribute sets these up only inside its strategies).
 - `tf.distribute.MultiWorkerMirroredStrategy` is built (public) only to start the worker's
@@ -193,20 +193,6 @@ def shard_by_files(dataset, num_workers, worker_index):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.FILE
     return distribute._AutoShardDataset(dataset.with_options(options), num_workers, worker_index)
-
-
-def in_process_all_reduce(tensor, group_size, group_key, instance_key):
-    """Sum `tensor` over `group_size` devices of this process (call under each device).
-
-    The V1 collective: TensorFlow's automatic control dependencies leave it unordered
-    (it is an async stateful op), which lets several replicas' sums, traced one replica
-    after the other in one function, meet at run time.
-    """
-    # private: collective_ops.all_reduce (tf.raw_ops.CollectiveReduce behind a helper);
-    # public TF exposes collectives only through tf.distribute strategies.
-    from tensorflow.python.ops import collective_ops
-
-    return collective_ops.all_reduce(tensor, group_size, group_key, instance_key, "Add", "Id")
 
 
 def replace_batchnorm_moments(layer, moments):

@@ -13,7 +13,11 @@ replicas of the upstream gradients: another sum).
 The replicas are traced one after the other (replica 0's whole forward pass, then replica
 1's), so replica 0 cannot read replica 1's partial sums as tensors. The sums are in-graph
 collective all-reduces instead: each replica's op is independent when traced, and they
-meet when the step runs. The n-th synchronized call of every replica shares one
+meet when the step runs. They are the V2 ops with each device's ordering token, as the
+gradients' (`kerasmgpu.comm.collective`): ordered on each device, never waiting on another
+device's program order, and bounded by the same timeout as the gradients' collectives
+(the cluster's collective timeout), so a dead peer ends the step with an error instead of
+a hang. The n-th synchronized call of every replica shares one
 collective instance key, so keys are handed out by call position, per traced step.
 
 On a cluster the statistics cover every replica of every worker: each sum inside the
@@ -35,6 +39,7 @@ import keras
 import tensorflow as tf
 
 from kerasmgpu import _compat
+from kerasmgpu.comm import collective
 
 # Apart from tf.distribute's small integers and the cluster's keys (170_000_001...).
 _GROUP_KEYS = itertools.count(171_000_001)
@@ -142,10 +147,10 @@ class _Replica:
         """`tensor` summed over the replicas of the group and over the workers (not
         differentiable itself). `part` names the sum: (call position, which sum)."""
         size = len(self.group.devices)
-        with tf.device(self.device):
-            machine = tensor if size == 1 else _compat.in_process_all_reduce(
-                tensor, size, self.group.group_key, instance_key
-            )
+        machine = tensor if size == 1 else collective.all_reduce_participant(
+            tensor, self.device, size, self.group.group_key, instance_key,
+            getattr(self.group.workers, "timeout_seconds", 0),
+        )
         # One cross-worker sum per machine, in the same order on every worker and in both
         # branches of the replica-count switch: replica 0 issues it, the others read it
         # (it is traced first, and the machine sum it reads includes theirs). A replica's

@@ -12,10 +12,8 @@ import warnings
 
 import tensorflow as tf
 
-from kerasmgpu import _compat
-
-ENV_SIMULATED_DEVICES = "KERASMGPU_SIMULATED_DEVICES"
-ENV_CORES_PER_DEVICE = "KERASMGPU_CORES_PER_DEVICE"
+from kerasmgpu import _compat, options
+from kerasmgpu.options import ENV_CORES_PER_DEVICE, ENV_SIMULATED_DEVICES
 
 # On a cluster TensorFlow also lists the other workers' devices; replicas use this
 # worker's own, "/job:worker/replica:0/task:<index>".
@@ -72,7 +70,7 @@ def simulate_devices(n, cores_per_device=None):
     ```
     """
     if cores_per_device is not None:
-        _check_cores(cores_per_device)
+        cores_per_device = _check_cores(cores_per_device)
     _configure_logical_cpus(n)
     if cores_per_device is not None:
         _configure_threads(n, cores_per_device)
@@ -80,11 +78,7 @@ def simulate_devices(n, cores_per_device=None):
 
 
 def _check_cores(k):
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(
-            "cores_per_device must be a whole number >= 1 or None. "
-            f"Received: cores_per_device={k!r}"
-        )
+    return options.whole_number(k, "cores_per_device", minimum=1)
 
 
 def _configure_threads(n, cores_per_device):
@@ -115,8 +109,9 @@ def _configure_threads(n, cores_per_device):
 
 def _configure_logical_cpus(n):
     """Ask TensorFlow for n logical CPUs (without initialising it) on a machine without GPUs."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not _is_int(n) or n < 1:
         raise ValueError(f"simulate_devices expects a whole number n >= 1. Received: n={n!r}")
+    n = int(n)
     if _accelerator_type() == "GPU":
         return
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -143,17 +138,9 @@ def simulate_devices_from_env():
     Returns:
         Whether the variable was set.
     """
-    value = os.environ.get(ENV_SIMULATED_DEVICES)
-    if not value:
+    n, cores = options.simulated_devices_environment()
+    if n is None:
         return False
-    cores_value = os.environ.get(ENV_CORES_PER_DEVICE)
-    numbers = {}
-    for name, text in ((ENV_SIMULATED_DEVICES, value), (ENV_CORES_PER_DEVICE, cores_value)):
-        try:
-            numbers[name] = int(text) if text else None
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number >= 1. Received: {text!r}") from None
-    n, cores = numbers[ENV_SIMULATED_DEVICES], numbers[ENV_CORES_PER_DEVICE]
     try:
         # Configure only: TensorFlow must stay uninitialised here so that a cluster
         # (TF_CONFIG) can still be joined.
@@ -251,7 +238,7 @@ def resolve_devices(gpus, minimum=2, argument="gpus"):
         if _is_int(entry):
             name = f"/device:{kind}:{int(entry)}"
         elif isinstance(entry, str):
-            name = entry if entry.startswith("/") else "/device:" + entry
+            name = _local_device_name(entry, argument, listed, shown)
         else:
             raise ValueError(
                 "Each entry of {0} must be a device id (int) or a device name (str). "
@@ -271,6 +258,35 @@ def resolve_devices(gpus, minimum=2, argument="gpus"):
             raise ValueError(f"Device {entry!r} appears twice in {argument}={listed}.")
         devices.append(match)
     return devices
+
+
+def _local_device_name(entry, argument, listed, shown):
+    """A device name the user wrote, checked: well formed, and a device of this process.
+
+    Why: TensorFlow's parser error ("Unknown attribute: 'banana'") does not say which
+    argument was wrong or which devices exist, and a name on another job or task
+    ("/job:ghost/device:CPU:0") would otherwise match the local CPU:0 by type and index.
+    """
+    name = entry if entry.startswith("/") else "/device:" + entry
+    try:
+        spec = tf.DeviceSpec.from_string(name)
+    except ValueError:
+        spec = None
+    if spec is None or not spec.device_type:
+        raise ValueError(
+            f"Device {entry!r} in {argument}={listed} is not a device name such as "
+            f"'/gpu:1' or 'CPU:0'. Visible devices: {shown}. Received: {argument}={listed}"
+        )
+    own_job, own_task = _local_task or ("localhost", 0)
+    if (spec.job not in (None, own_job) or spec.task not in (None, own_task)
+            or spec.replica not in (None, 0)):
+        raise ValueError(
+            f"Device {entry!r} in {argument}={listed} is not a device of this process "
+            f"(job {own_job!r}, task {own_task}): replicas run on this process's devices; "
+            f"other workers of a cluster train their own. Visible devices: {shown}. "
+            f"Received: {argument}={listed}"
+        )
+    return name
 
 
 def _is_int(value):

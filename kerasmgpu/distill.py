@@ -27,7 +27,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from kerasmgpu import _compat, slicing
+from kerasmgpu import _compat, options, slicing
 from kerasmgpu import devices as devices_lib
 
 REPLICAS = "replicas"
@@ -93,13 +93,15 @@ def resolve_teacher_device(teacher_device):
     """A device name for `teacher_device` (see the module's docstring), or it unchanged."""
     if teacher_device is None or teacher_device == REPLICAS:
         return teacher_device
-    if isinstance(teacher_device, bool) or not isinstance(teacher_device, (int, str)):
+    if not (options.is_whole_number(teacher_device) or isinstance(teacher_device, str)):
         raise ValueError(
             "teacher_device must be a device name or id, 'replicas' or None. "
             f"Received: teacher_device={teacher_device!r}"
         )
     try:
-        (device,) = devices_lib.resolve_devices([teacher_device], minimum=1)
+        (device,) = devices_lib.resolve_devices(
+            [teacher_device], minimum=1, argument="teacher_device"
+        )
     except ValueError:
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         shown = ", ".join(devices_lib.visible_devices() + cpus[:1])

@@ -40,7 +40,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from kerasmgpu import _compat, batchnorm, comm, distill, slicing, trainer
+from kerasmgpu import _compat, batchnorm, comm, distill, options, slicing, trainer
 from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
 from kerasmgpu.cluster import backup
@@ -100,11 +100,15 @@ class ParallelModel(trainer.TemplateTrainer):
                  sync_batchnorm=False, variables="auto", sync_period=1, bucket_bytes=None,
                  teacher_device=None, optimizer_state="full", gradient_dtype="float32"):
         _check_template(template)
-        comm.check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
+        variables, sync_period, bucket_bytes = comm.check_layout(
+            variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype
+        )
+        cpu_merge = options.boolean(cpu_merge, "cpu_merge")
+        sync_batchnorm = options.boolean(sync_batchnorm, "sync_batchnorm")
         if devices is None:
             resolved = devices_lib.visible_devices()
         else:
-            resolved = devices_lib.resolve_devices(devices, minimum=1)
+            resolved = devices_lib.resolve_devices(devices, minimum=1, argument="devices")
         super().__init__(template, name=name or f"{template.name}_parallel")
         self._replica_devices = tuple(resolved)
         self.cpu_merge = bool(cpu_merge)
@@ -374,10 +378,20 @@ class ParallelModel(trainer.TemplateTrainer):
         return super().make_train_function(force=force)
 
     def train_on_batch(self, *args, **kwargs):
+        _check_input(self.template, "train_on_batch", args, kwargs)
         with self._comm.training_call():
             return super().train_on_batch(*args, **kwargs)
 
+    def test_on_batch(self, *args, **kwargs):
+        _check_input(self.template, "test_on_batch", args, kwargs)
+        return super().test_on_batch(*args, **kwargs)
+
+    def predict_on_batch(self, *args, **kwargs):
+        _check_input(self.template, "predict_on_batch", args, kwargs)
+        return super().predict_on_batch(*args, **kwargs)
+
     def fit(self, *args, callbacks=None, **kwargs):
+        _check_input(self.template, "fit", args, kwargs)
         # `kerasmgpu launch --backup-dir`: a BackupAndRestore for scripts without one.
         callbacks = backup.with_backup(callbacks)
         callbacks = self._comm.fit_callbacks(callbacks)
@@ -388,11 +402,13 @@ class ParallelModel(trainer.TemplateTrainer):
             return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def evaluate(self, *args, **kwargs):
+        _check_input(self.template, "evaluate", args, kwargs)
         with self._workers.translate_errors("evaluate"):
             args, kwargs = self._workers.agree_on_input("evaluate", args, kwargs)
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args, **kwargs):
+        _check_input(self.template, "predict", args, kwargs)
         with self._workers.translate_errors("predict"):
             args, kwargs = self._workers.agree_on_input("predict", args, kwargs)
             return super().predict(*args, **kwargs)
@@ -474,6 +490,46 @@ def _read_only_backup(callback, parallel):
             callback, take_part_in_gathering if gathers else None
         )
     return callback
+
+
+def _check_input(template, call, args, kwargs):
+    """No input, or a dataset of single samples, is an error before anything runs.
+
+    Why: the wrapper slices the batch before the template sees it, so what Keras reports
+    on one device (x=None; an unbatched dataset's element shape) would otherwise come out
+    as an empty history, a bare StopIteration, or a slice of the feature axis reported
+    as the input's shape.
+    """
+    x = args[0] if args else kwargs.get("x")
+    if x is None:
+        raise ValueError(
+            f"{call}() needs input data x (arrays, tensors, a tf.data.Dataset, a "
+            "keras.utils.PyDataset or a generator), as on one device. Received: x=None"
+        )
+    if not isinstance(x, tf.data.Dataset):
+        return
+    try:
+        inputs = tree.flatten(template.inputs)
+    except (AttributeError, ValueError):
+        return  # a subclassed model: no declared input rank to compare with
+    element = x.element_spec
+    features = element[0] if isinstance(element, tuple) else element
+    specs = [spec for spec in tree.flatten(features) if hasattr(spec, "shape")]
+    # Every input one rank short: unbatched. (All of them, so that inputs paired in
+    # another order than the model's, e.g. a dict's, can never look unbatched: the ranks'
+    # sums would differ by the number of inputs.)
+    if len(specs) == len(inputs) and all(
+        spec.shape.rank is not None and spec.shape.rank == len(tensor.shape) - 1
+        for spec, tensor in zip(specs, inputs)
+    ):
+        shapes = ", ".join(str(tuple(spec.shape)) for spec in specs)
+        expected = ", ".join(str(tuple(tensor.shape)) for tensor in inputs)
+        raise ValueError(
+            f"{call}() received a tf.data.Dataset of single samples: its x element shape "
+            f"is {shapes}, and the model {template.name!r} takes batches of shape "
+            f"{expected}. Batch the dataset first, e.g. dataset.batch(64). "
+            f"Received: x with element_spec {element}"
+        )
 
 
 def _with_logits(tensor):
@@ -609,7 +665,25 @@ def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,
     ```
     """
     _check_template(model)
-    comm.check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
+    variables, sync_period, bucket_bytes = comm.check_layout(
+        variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype
+    )
+    cpu_merge = options.boolean(cpu_merge, "cpu_merge")
+    cpu_relocation = options.boolean(cpu_relocation, "cpu_relocation")
+    sync_batchnorm = options.boolean(sync_batchnorm, "sync_batchnorm")
+    if cpu_relocation and variables == "auto" and (
+        sync_period != 1 or bucket_bytes is not None or optimizer_state != "full"
+        or gradient_dtype != "float32"
+    ):
+        # Relocation means one copy on the host ("central"), where these do nothing.
+        raise ValueError(
+            "cpu_relocation=True keeps one copy of the weights on the CPU (variables="
+            "'central'), where sync_period, bucket_bytes, optimizer_state and gradient_dtype "
+            "do nothing; pass "
+            "variables='replicated' to relocate and still all-reduce. Received: "
+            f"cpu_relocation=True, sync_period={sync_period!r}, bucket_bytes={bucket_bytes!r}, "
+                f"optimizer_state={optimizer_state!r}, gradient_dtype={gradient_dtype!r}"
+        )
     # On a cluster the devices are counted over all workers: one per worker is enough.
     minimum = 2 if cluster_lib.current() is None else 1
     devices = devices_lib.resolve_devices(gpus, minimum=minimum)

@@ -75,8 +75,10 @@ def _run(code, **env):
 
 
 def test_environment_variable_sets_up_devices_on_import():
+    # On import itself: the script starts TensorFlow before it uses any kerasmgpu name.
     result = _run(
-        "import kerasmgpu; print(len(kerasmgpu.visible_devices()))",
+        "import kerasmgpu, tensorflow as tf; tf.constant(1.0); "
+        "print(len(kerasmgpu.visible_devices()))",
         KERASMGPU_SIMULATED_DEVICES="3",
     )
     assert result.returncode == 0, result.stderr

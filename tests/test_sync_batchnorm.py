@@ -8,8 +8,10 @@ overriding train_step/test_step/predict_step are refused at wrap time.
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kerasmgpu
+from kerasmgpu import _compat
 from tests.helpers import max_weight_difference, twin
 
 RNG = np.random.default_rng(11)
@@ -177,3 +179,23 @@ def test_synchronized_batchnorm_run_eagerly_is_a_clear_error():
     parallel.compile("sgd", "sparse_categorical_crossentropy", run_eagerly=True)
     with pytest.raises(ValueError, match="run_eagerly=False"):
         parallel.train_on_batch(X[:8], Y[:8])
+
+
+def test_statistics_are_summed_by_v2_collectives_with_the_gradients_timeout():
+    # The V1 op has no timeout: a dead peer could hang the step. Every statistics sum
+    # must be the V2 op, with the timeout of the workers' collectives (set here by hand:
+    # on one machine there is none).
+    template = dense_bn(synchronized=True)
+    parallel = kerasmgpu.ParallelModel(template, devices=2)
+    parallel.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    parallel._batchnorm.workers.timeout_seconds = 7.0
+    data = (tf.constant(X[:8]), tf.constant(Y[:8]))
+    _compat.build_for_batch(parallel, data)
+    graph = tf.function(parallel.train_step).get_concrete_function(data).graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    reduces = [n for n in nodes if n.op.startswith("CollectiveReduce")]
+    # Per replica: two sums forward (mean, variance), one backward.
+    assert [n.op for n in reduces] == ["CollectiveReduceV2"] * 6
+    assert {n.attr["timeout_seconds"].f for n in reduces} == {7.0}
+    # ... each ordered on its device by a token (no token: chained across devices).
+    assert all(len([i for i in n.input if not i.startswith("^")]) == 5 for n in reduces)

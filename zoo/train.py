@@ -367,6 +367,31 @@ def _check_positive(name, value, allow_none=False):
     check_whole_number(name, value, error=SetupError)
 
 
+def _check_output(output, backup_dir, resume):
+    """Refuse to overwrite a finished run, or to "resume" a run that is not there.
+
+    Why: re-running a finished run's command would silently replace its model.keras and
+    history.json, and `--resume` with a misspelled `--output` would silently train from
+    scratch and exit 0. Nothing is deleted here: the user chooses.
+    """
+    if resume and not os.path.isdir(backup_dir):
+        where = (f"{output!r} does not exist" if not os.path.isdir(output)
+                 else f"{output!r} has no backup ({backup_dir})")
+        finished = os.path.exists(os.path.join(output, "model.keras"))
+        raise SetupError(
+            f"--resume (resume=True) continues an interrupted run from its backup, but {where}"
+            + (": the run there finished (its model.keras is written). " if finished else ". ")
+            + "Check --output, or drop --resume to start a new run. "
+            f"Received: output={output!r}, resume=True"
+        )
+    if not resume and os.path.exists(os.path.join(output, "model.keras")):
+        raise SetupError(
+            f"{output!r} holds a finished run (model.keras, history.json); training again there "
+            "would overwrite it. Choose another --output, or move or delete those files to "
+            f"start afresh in it. Received: output={output!r}"
+        )
+
+
 def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAULT_BATCH_SIZE,
         output="runs/zoo", resume=False, steps_per_epoch=None, seed=0, model_kwargs=None,
         callbacks=(), verbose="auto", records=None):
@@ -427,6 +452,7 @@ def run(model="mnist_mlp", dataset="digits", gpus=1, epochs=1, batch_size=DEFAUL
             "--resume (resume=True) to continue it, or delete the backup or choose another "
             "--output to start afresh."
         )
+    _check_output(output, backup_dir, resume)
     ensure_devices(gpus)  # before TensorFlow initialises
     os.makedirs(output, exist_ok=True)
     keras.utils.set_random_seed(seed)

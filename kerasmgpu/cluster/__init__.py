@@ -12,38 +12,41 @@
 - `supervise`: the launcher's worker processes: start, stream their lines, stop, restart.
 - `network`: the private loopback-only network the launcher runs workers in.
 - `watchdog`: the process that ends a worker whose peers never start.
+- `tuner`: `kerasmgpu launch --tuner`, KerasTuner's chief and one tuner worker per device.
+- `epochs`: the workers' agreement on steps per epoch.
 
 The public names are re-exported here: `kerasmgpu.cluster.connect()`, `current()`,
 `ClusterError`, `parse_tf_config()`, `shard()`, `set_input()`.
 """
 
-from kerasmgpu.cluster.sharding import shard, sharding_policy
-from kerasmgpu.cluster.worker import (
-    ENV_INPUT,
-    ENV_REGISTER_TIMEOUT,
-    ENV_TIMEOUT,
-    Cluster,
-    ClusterError,
-    connect,
-    connect_from_environment,
-    current,
-    parse_tf_config,
-    set_input,
-    workers,
-)
+import importlib
 
-__all__ = [
-    "ENV_INPUT",
-    "ENV_REGISTER_TIMEOUT",
-    "ENV_TIMEOUT",
-    "Cluster",
-    "ClusterError",
-    "connect",
-    "connect_from_environment",
-    "current",
-    "parse_tf_config",
-    "set_input",
-    "shard",
-    "sharding_policy",
-    "workers",
-]
+# Public name -> the module that defines it. Loaded on first use (PEP 562): `kerasmgpu
+# launch` imports `kerasmgpu.cluster.launch`, which needs neither TensorFlow nor the
+# cluster's collectives, and must answer `--help` at once.
+_PUBLIC = {
+    "shard": "sharding",
+    "sharding_policy": "sharding",
+    **{
+        name: "worker"
+        for name in (
+            "ENV_INPUT", "ENV_REGISTER_TIMEOUT", "ENV_TIMEOUT", "Cluster", "ClusterError",
+            "connect", "connect_from_environment", "current", "parse_tf_config", "set_input",
+            "workers",
+        )
+    },
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'kerasmgpu.cluster' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kerasmgpu.cluster.{_PUBLIC[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

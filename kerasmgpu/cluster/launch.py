@@ -86,8 +86,7 @@ from typing import NamedTuple
 from kerasmgpu.cluster import network as network_lib
 from kerasmgpu.cluster import slurm, supervise
 from kerasmgpu.cluster.backup import ENV_BACKUP_DIR
-from kerasmgpu.devices import ENV_SIMULATED_DEVICES
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.options import ENV_SIMULATED_DEVICES, UsageError
 
 ENV_WORKER_INDEX = "KERASMGPU_WORKER_INDEX"
 ENV_RESTART = "KERASMGPU_RESTART"
@@ -435,6 +434,42 @@ def _gpus_per_worker(workers, devices_per_worker, gpu_ids):
     return devices_per_worker
 
 
+def oversubscription(workers, devices_per_worker, gpu_ids, cores):
+    """A warning when the workers' devices outnumber this machine's cores, else None.
+
+    Why: `--workers 1000` on a 2-core machine would start every worker without a word,
+    each a TensorFlow process, and training would crawl or the machine run out of memory.
+    The launch goes on (a test may mean it); the user is told. With GPUs, asking for more
+    devices than there are GPUs is already an error (`worker_environments`).
+
+    Args:
+        workers: the number of workers.
+        devices_per_worker: the simulated devices per worker (None: 1).
+        gpu_ids: the GPUs workers use (a warning applies only without GPUs).
+        cores: this machine's usable cores.
+
+    Returns:
+        The warning's text, or None.
+
+    Example:
+
+    ```python
+    oversubscription(1000, None, [], cores=2)  # '1000 workers x 1 device(s) ...'
+    ```
+    """
+    if gpu_ids:
+        return None
+    devices = workers * (devices_per_worker or 1)
+    if devices <= cores:
+        return None
+    return (
+        f"warning: {workers} workers x {devices_per_worker or 1} device(s) = {devices} "
+        f"simulated devices on {cores} CPU core(s): they share the cores, so each runs at "
+        f"a fraction of a core and the launch may exhaust memory. Use at most {cores} "
+        "workers x devices on this machine (or a machine with more cores)."
+    )
+
+
 def _check_count(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1. Received: {name}={value!r}")
@@ -556,6 +591,10 @@ def launch(command, workers=None, devices_per_worker=None, grace_seconds=30.0, e
     output = supervise.Output(sys.stdout if stream is None else stream,
                               sys.stderr if error_stream is None else error_stream)
     ports = [int(layout.addresses[index].rsplit(":", 1)[1]) for index in layout.local]
+    warning = oversubscription(len(layout.local), devices_per_worker, visible_gpu_ids(env),
+                               usable_cores())
+    if warning:
+        output.note(warning)
     if layout.loopback:
         private = network_lib.for_workers(mode, ports, output.note)
     else:

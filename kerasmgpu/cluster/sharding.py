@@ -8,23 +8,24 @@ and the training step gathers what the loss and the metrics need from every work
 batches b, in worker order, and loss, metrics and update are those of that global batch,
 the same on every worker.
 
-Uneven shards: every worker must run the same number of steps per epoch. At the start of
-`fit`/`evaluate`/`predict` the workers exchange how many batches their dataset has (one
-all-gather) and a worker with fewer appends empty batches up to the longest count; an
-empty local batch adds no rows to the global batch, so the epoch ends at the same step
-everywhere and no sample is dropped. (tf.distribute reaches the same result step by step:
-its iterators call `get_next_as_optional`, all-reduce how many replicas still have data,
-and feed empty dummy batches to those that have none until every worker is exhausted.)
+Uneven shards (every worker must run the same number of steps per epoch) are
+`kerasmgpu.cluster.epochs`' concern; its functions are re-exported here.
 """
 
 import warnings
 
-import numpy as np
 import tensorflow as tf
-from keras import tree
 
-from kerasmgpu import _compat
+from kerasmgpu import _compat, options
 from kerasmgpu.cluster import worker as worker_lib
+
+# Re-exported: the agreement on steps per epoch that sharded input needs.
+from kerasmgpu.cluster.epochs import (  # noqa: F401
+    agree_on_call,
+    agree_on_steps,
+    count_batches,
+    pad_to,
+)
 
 # Dataset ops that read files: with one of them in the pipeline, `shard` splits the files.
 READER_OPS = (
@@ -32,6 +33,11 @@ READER_OPS = (
     "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2",
 )
 POLICIES = ("auto", "file", "data")
+# Dataset ops that batch: a pipeline holding one is batched already.
+BATCH_OPS = (
+    "BatchDataset", "BatchDatasetV2", "PaddedBatchDataset", "PaddedBatchDatasetV2",
+    "ParallelBatchDataset", "MapAndBatchDataset", "ExperimentalMapAndBatchDataset",
+)
 
 
 def shard(dataset, policy="auto", num_workers=None, worker_index=None):
@@ -79,19 +85,25 @@ def shard(dataset, policy="auto", num_workers=None, worker_index=None):
             f"shard() expects a tf.data.Dataset. Received: dataset={dataset!r} of type "
             f"{type(dataset).__name__}"
         )
-    if policy not in POLICIES:
-        raise ValueError(f"shard()'s policy must be one of {POLICIES}. Received: policy={policy!r}")
+    options.one_of(policy, "policy", POLICIES)
+    if _compat.dataset_op_types(dataset) & set(BATCH_OPS):
+        # Sharding batches would give each worker whole global batches in turn: a global
+        # batch W times the size asked for, and steps per epoch W times fewer.
+        warnings.warn(
+            "shard() received a dataset that is batched already. Shard first, then batch "
+            "with the local batch size: kerasmgpu.cluster.shard(dataset).batch(local_batch). "
+            f"Received: dataset with element_spec {dataset.element_spec}",
+            stacklevel=2,
+        )
     cluster = worker_lib.current()
     if num_workers is None:
         num_workers = 1 if cluster is None else cluster.num_workers
     if worker_index is None:
         worker_index = 0 if cluster is None else cluster.worker_index
-    if not (isinstance(num_workers, int) and num_workers >= 1
-            and isinstance(worker_index, int) and 0 <= worker_index < num_workers):
-        raise ValueError(
-            "shard() needs num_workers >= 1 and 0 <= worker_index < num_workers. Received: "
-            f"num_workers={num_workers!r}, worker_index={worker_index!r}"
-        )
+    num_workers = options.whole_number(num_workers, "num_workers", minimum=1)
+    worker_index = options.whole_number(
+        worker_index, "worker_index", minimum=0, maximum=num_workers - 1
+    )
     if cluster is not None:
         worker_lib.set_input("sharded")
     if num_workers == 1:
@@ -114,102 +126,3 @@ def _reads_files(dataset):
 
 def _shard_files(dataset, num_workers, worker_index):
     return _compat.shard_by_files(dataset, num_workers, worker_index)
-
-
-# ------------------------------------------------------------------ uneven shards
-def count_batches(dataset):
-    """How many batches `dataset` yields: its cardinality, or one pass when unknown.
-
-    Returns None for an infinite dataset (its epochs are `steps_per_epoch` long).
-    """
-    cardinality = int(dataset.cardinality())
-    if cardinality == tf.data.INFINITE_CARDINALITY:
-        return None
-    if cardinality >= 0:
-        return cardinality
-    warnings.warn(
-        "kerasmgpu counts this worker's batches with one extra pass over its dataset, "
-        "since its length is unknown (the workers must agree on the steps per epoch). "
-        "To skip the pass, declare it: dataset.apply(tf.data.experimental."
-        "assert_cardinality(n)), or repeat() it and give steps_per_epoch.",
-        stacklevel=4,
-    )
-    return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
-
-
-def pad_to(dataset, count, steps):
-    """`dataset` (`count` batches) followed by empty batches up to `steps` batches.
-
-    An empty batch has 0 rows and the dataset's structure (unknown inner dimensions are
-    0), made from its element spec: nothing is read to make it.
-    """
-    if steps == count:
-        return dataset
-    if count == 0:
-        raise ValueError(
-            f"This worker's dataset is empty but its peers' have {steps} batches. Give every "
-            "worker at least one batch (e.g. at least as many files as workers)."
-        )
-    specs = tree.flatten(dataset.element_spec)
-    if all(isinstance(spec, tf.TensorSpec) and spec.shape.rank for spec in specs):
-        empty = tree.pack_sequence_as(dataset.element_spec, [
-            tf.zeros([0] + [d or 0 for d in spec.shape.as_list()[1:]], spec.dtype)
-            for spec in specs
-        ])
-        empty = tf.data.Dataset.from_tensors(empty)
-    else:  # ragged or sparse parts: cut the rows of a real batch
-        empty = dataset.take(1).map(lambda *batch: tree.map_structure(
-            lambda t: t[:0], batch[0] if len(batch) == 1 else batch))
-    padded = dataset.concatenate(empty.repeat(steps - count))
-    return padded.apply(tf.data.experimental.assert_cardinality(steps))
-
-
-def agree_on_steps(cluster, dataset):
-    """`dataset`, padded with empty batches to the longest worker's number of batches."""
-    count = count_batches(dataset)
-    counts = cluster.all_gather_counts(-1 if count is None else count)
-    if count is None or min(counts) < 0:
-        if not (count is None and max(counts) < 0):
-            raise ValueError(
-                "With sharded input all workers' datasets must be finite, or all infinite "
-                f"(repeat() with steps_per_epoch). Received batch counts {counts} "
-                "(-1: infinite) on workers 0..W-1."
-            )
-        return dataset
-    return pad_to(dataset, count, max(counts))
-
-
-def _check_equal_arrays(cluster, call, args, kwargs):
-    """Arrays cannot be padded: workers must have as many batches, or it is an error."""
-    x = args[0] if args else kwargs.get("x")
-    leaves = [t for t in tree.flatten(x) if hasattr(t, "shape") and len(t.shape)]
-    if not leaves:
-        return  # a generator or PyDataset: its length is the user's to keep equal
-    position = 1 if call == "predict" else 2  # fit(x, y, batch_size), predict(x, batch_size)
-    batch_size = kwargs.get("batch_size") or (
-        args[position] if len(args) > position else None) or 32
-    count = -(-int(leaves[0].shape[0]) // int(batch_size))
-    counts = cluster.all_gather_counts(count)
-    if len(set(counts)) > 1:
-        raise ValueError(
-            "With sharded input every worker must run as many steps, but the workers' "
-            f"arrays make {counts} batches of {batch_size} (workers 0..W-1). Give each worker "
-            "a tf.data.Dataset (e.g. kerasmgpu.cluster.shard(...).batch(...)): kerasmgpu "
-            "pads the shorter ones with empty batches."
-        )
-
-
-def agree_on_call(cluster, call, args, kwargs):
-    """The arguments of `fit`/`evaluate`/`predict` with their datasets agreed on."""
-    args, kwargs = list(args), dict(kwargs)
-    if kwargs.get("_use_cached_eval_dataset"):
-        return tuple(args), kwargs  # fit's validation data, agreed on when fit started
-    if args and isinstance(args[0], tf.data.Dataset):
-        args[0] = agree_on_steps(cluster, args[0])
-    elif isinstance(kwargs.get("x"), tf.data.Dataset):
-        kwargs["x"] = agree_on_steps(cluster, kwargs["x"])
-    else:
-        _check_equal_arrays(cluster, call, args, kwargs)
-    if call == "fit" and isinstance(kwargs.get("validation_data"), tf.data.Dataset):
-        kwargs["validation_data"] = agree_on_steps(cluster, kwargs["validation_data"])
-    return tuple(args), kwargs

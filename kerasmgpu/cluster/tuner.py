@@ -238,15 +238,15 @@ def run_command(args):
 
     `--workers` is the number of tuner workers (default: one per device); `--devices-per-
     worker` does not apply (a trial trains on one device); `--grace-seconds` is the
-    chief's time to exit after the last worker; `--max-restarts`, where the launcher has
-    it, bounds the restarts of each killed worker (default 3).
+    chief's time to exit after the last worker; `--max-restarts` bounds the restarts of
+    each killed worker (default 3).
 
     Raises:
         UsageError: a flag value or the command is unusable (reported with exit status 2).
     """
-    # launch imports the command line's UsageError; imported here, launch imports this module.
+    # Imported here: launch imports this module.
     from kerasmgpu.cluster import launch
-    from kerasmgpu.tools.cli import UsageError
+    from kerasmgpu.options import UsageError
 
     if getattr(args, "devices_per_worker", None) not in (None, 1):
         raise UsageError(

@@ -36,9 +36,9 @@ import sys
 import tensorflow as tf
 from keras import tree
 
-from kerasmgpu import _compat, slicing
+from kerasmgpu import _compat, options, slicing
 from kerasmgpu import devices as devices_lib
-from kerasmgpu.cluster import network, slurm
+from kerasmgpu.cluster import epochs, network, slurm
 from kerasmgpu.cluster.local import SingleMachine
 
 ENV_TIMEOUT = "KERASMGPU_COLLECTIVE_TIMEOUT"
@@ -217,8 +217,9 @@ def connect(timeout_seconds=None, register_timeout_seconds=None):
     if source == "Slurm":
         _share_slurm_gpus(workers, index)
         os.environ[slurm.ENV_SLURM] = "off"  # children of this task are not tasks
-    timeout = float(timeout_seconds or os.environ.get(ENV_TIMEOUT, 60))
-    register = float(register_timeout_seconds or os.environ.get(ENV_REGISTER_TIMEOUT, 120))
+    timeout = _seconds(timeout_seconds, "timeout_seconds", ENV_TIMEOUT, 60.0)
+    register = _seconds(register_timeout_seconds, "register_timeout_seconds",
+                        ENV_REGISTER_TIMEOUT, 120.0)
     mode = check_input_mode(os.environ.get(ENV_INPUT, "global"))
     _current = Cluster(workers, index, timeout, register, input_mode=mode)
     return _current
@@ -232,6 +233,21 @@ def _share_slurm_gpus(workers, index):
     own = slurm.task_gpus(visible, workers, index)
     if own is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(own)
+
+
+def _seconds(value, name, variable, default):
+    """A timeout from the argument, else its environment variable, else `default`."""
+    if value is not None:
+        return options.finite_number(value, name, above=0)
+    text = os.environ.get(variable)
+    if text is None or not text.strip():
+        return default
+    try:
+        return options.finite_number(float(text), variable, above=0)
+    except ValueError:
+        raise ValueError(
+            f"{variable} must be a finite number of seconds > 0. Received: {variable}={text!r}"
+        ) from None
 
 
 def set_input(mode):
@@ -430,13 +446,11 @@ class Cluster:
         workers with fewer batches would leave the others waiting in a collective. The
         workers agree on the longest epoch (one all-gather) and the others append empty
         batches, which add no rows to the global batch: no data is dropped, nothing
-        hangs. See `kerasmgpu.cluster.sharding.agree_on_steps`.
+        hangs. See `kerasmgpu.cluster.epochs.agree_on_steps`.
         """
         if not self.sharded:
             return args, kwargs
-        from kerasmgpu.cluster import sharding
-
-        return sharding.agree_on_call(self, call, args, kwargs)
+        return epochs.agree_on_call(self, call, args, kwargs)
 
     # ------------------------------------------------------------ collectives
     def _next_key(self):

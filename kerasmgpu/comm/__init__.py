@@ -17,6 +17,7 @@ with the same `combine` method (`base.Strategy`), chosen by `ParallelModel`'s op
   `memory`: the bytes each device holds (`measure_memory`).
 """
 
+from kerasmgpu import options
 from kerasmgpu.comm import collective
 from kerasmgpu.comm.base import Strategy
 from kerasmgpu.comm.central import Central
@@ -37,20 +38,35 @@ CLUSTER_ALL_REDUCE = "hierarchical"
 
 def check_layout(variables, sync_period, bucket_bytes, optimizer_state="full",
                  gradient_dtype="float32"):
-    """Raise a clear ValueError for layout options that cannot work (at wrap time)."""
-    if optimizer_state not in OPTIMIZER_STATES:
-        raise ValueError(
-            f"optimizer_state must be one of {OPTIMIZER_STATES}: 'full' keeps the whole "
-            "optimizer state with every copy of the weights, 'sharded' splits it over the "
-            "devices (with variables='replicated'). "
-            f"Received: optimizer_state={optimizer_state!r}"
-        )
-    if gradient_dtype not in GRADIENT_DTYPES:
-        raise ValueError(
-            f"gradient_dtype must be one of {GRADIENT_DTYPES}: the dtype gradients travel "
-            "in between devices ('float32': as computed; 'bfloat16' or 'float16': half "
-            f"the bytes). Received: gradient_dtype={gradient_dtype!r}"
-        )
+    """Check the layout options at wrap time; return them normalised.
+
+    `sync_period` accepts numpy integers and `bucket_bytes` whole floats (`25e6`); an option
+    that does nothing in the layout asked for (`sync_period`, `bucket_bytes`,
+    `optimizer_state="sharded"` or 16-bit gradients with `variables="central"`) is an error
+    rather than silently ignored. With "auto" they are accepted: they apply where "auto"
+    picks "replicated" (two or more GPUs, or whenever sharded state or 16-bit gradients are
+    asked for).
+
+    Returns:
+        `(variables, sync_period, bucket_bytes)`.
+    """
+    options.one_of(
+        variables, "variables", VARIABLE_LAYOUTS,
+        "'replicated' keeps a copy of the weights per device (all-reduce), 'central' one "
+        "copy on one device, 'auto' picks 'replicated' on GPUs and 'central' otherwise.",
+    )
+    options.one_of(
+        optimizer_state, "optimizer_state", OPTIMIZER_STATES,
+        "'full' keeps the whole optimizer state with every copy of the weights, 'sharded' "
+        "splits it over the devices (with variables='replicated').",
+    )
+    options.one_of(
+        gradient_dtype, "gradient_dtype", GRADIENT_DTYPES,
+        "the dtype gradients travel in between devices ('float32': as computed; "
+        "'bfloat16' or 'float16': half the bytes).",
+    )
+    sync_period = options.whole_number(sync_period, "sync_period", minimum=1)
+    bucket_bytes = options.byte_size(bucket_bytes, "bucket_bytes", allow_none=True)
     if optimizer_state == "sharded" and variables == "central":
         raise ValueError(
             "optimizer_state='sharded' splits the optimizer state over the copies of the "
@@ -69,31 +85,19 @@ def check_layout(variables, sync_period, bucket_bytes, optimizer_state="full",
             "share of the weights every step); local SGD keeps a whole state per replica. "
             f"Received: optimizer_state='sharded' with sync_period={sync_period!r}"
         )
-    if variables not in VARIABLE_LAYOUTS:
-        raise ValueError(
-            f"variables must be one of {VARIABLE_LAYOUTS}: 'replicated' keeps a copy of the "
-            "weights per device (all-reduce), 'central' one copy on one device, 'auto' "
-            "picks 'replicated' on GPUs and 'central' otherwise. "
-            f"Received: variables={variables!r}"
-        )
-    if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
-        raise ValueError(
-            "sync_period must be a whole number >= 1 (average the replicas' weights every "
-            f"that many steps; 1 is synchronous training). Received: sync_period={sync_period!r}"
-        )
     if sync_period != 1 and variables == "central":
         raise ValueError(
             "sync_period > 1 (local SGD) needs a copy of the weights per device: use "
             f"variables='replicated'. Received: sync_period={sync_period!r} with "
             f"variables={variables!r}"
         )
-    if bucket_bytes is not None and (
-        isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1
-    ):
-        raise ValueError(
-            "bucket_bytes must be a whole number of bytes >= 1 (default "
-            f"{DEFAULT_BUCKET_BYTES}). Received: bucket_bytes={bucket_bytes!r}"
+    if variables == "central":
+        options.only_with(
+            "bucket_bytes", bucket_bytes, None,
+            "variables='replicated' (the all-reduce buckets between weight copies)",
+            "variables", variables,
         )
+    return variables, sync_period, bucket_bytes
 
 
 def resolve_layout(variables, devices, sync_period=1, collectives_needed=False):
@@ -120,7 +124,9 @@ def resolve_layout(variables, devices, sync_period=1, collectives_needed=False):
 def make_strategy(variables, devices, workers, sync_period=1, bucket_bytes=None,
                   optimizer_state="full", gradient_dtype="float32"):
     """The strategy for a layout, on these replica devices and workers (checked first)."""
-    check_layout(variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype)
+    variables, sync_period, bucket_bytes = check_layout(
+        variables, sync_period, bucket_bytes, optimizer_state, gradient_dtype
+    )
     sharded = optimizer_state == "sharded"
     variables = resolve_layout(
         variables, devices, sync_period,

@@ -71,6 +71,46 @@ def ordering_tokens(devices):
         return [_tokens[device] for device in devices]
 
 
+def all_reduce_participant(tensor, device, group_size, group_key, instance_key,
+                           timeout_seconds=0):
+    """One participant's sum of `tensor` over a group: the V2 op, ordered on its device.
+
+    For callers that trace each participant on its own (synchronized BatchNorm traces
+    replica after replica): the op gets `device`'s ordering token, as every collective
+    here does, so it neither deadlocks on another device's program order nor runs in an
+    undefined order among this device's collectives, and it fails after
+    `timeout_seconds` when a peer never arrives (0: waits for ever).
+
+    Args:
+        tensor: this participant's tensor.
+        device: the participant's device (the op is placed there).
+        group_size, group_key, instance_key: the collective, as every participant names it.
+        timeout_seconds: how long to wait for the peers.
+
+    Returns:
+        The sum, on `device`.
+
+    Example:
+
+    ```python
+    total = all_reduce_participant(partial, "/device:CPU:1", 2, group, key, 60.0)
+    ```
+    """
+    token = ordering_tokens([device])[0]
+    with tf.device(device):
+        return tf.raw_ops.CollectiveReduceV2(
+            input=tensor,
+            group_size=group_size,
+            group_key=group_key,
+            instance_key=instance_key,
+            ordering_token=[token.handle],
+            merge_op="Add",
+            final_op="Id",
+            communication_hint=communication_hint([device]),
+            timeout_seconds=float(timeout_seconds),
+        )
+
+
 def plan_buckets(variables, bucket_bytes):
     """Indices of `variables` grouped into buckets, last variable first.
 

@@ -47,7 +47,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from kerasmgpu import _compat, slicing, trainer
+from kerasmgpu import _compat, options, slicing, trainer
 from kerasmgpu import devices as devices_lib
 from kerasmgpu.split.plan import Plan
 
@@ -497,10 +497,7 @@ def split_model(model, devices, boundaries=None, microbatches=1):
     ```
     """
     plan = Plan(model)
-    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-        raise ValueError(
-            f"microbatches must be a whole number >= 1. Received: microbatches={microbatches!r}"
-        )
+    microbatches = options.whole_number(microbatches, "microbatches", minimum=1)
     grid = _resolve_grid(devices)
     num_stages = len(grid)
     if num_stages > len(plan.units):
@@ -565,7 +562,10 @@ def _resolve_grid(devices):
         isinstance(row, (list, tuple)) for row in devices
     ):
         try:
-            grid = [devices_lib.resolve_devices(list(row), minimum=1) for row in devices]
+            grid = [
+                devices_lib.resolve_devices(list(row), minimum=1, argument="devices")
+                for row in devices
+            ]
         except ValueError as error:
             raise ValueError(f"Cannot use devices={devices!r}: {error}") from None
         widths = {len(row) for row in grid}
@@ -579,7 +579,7 @@ def _resolve_grid(devices):
             raise ValueError(f"A device appears twice in devices={devices}.")
         return grid
     try:
-        return [[d] for d in devices_lib.resolve_devices(devices, minimum=1)]
+        return [[d] for d in devices_lib.resolve_devices(devices, minimum=1, argument="devices")]
     except ValueError as error:
         raise ValueError(f"Cannot use devices={devices!r}: {error}") from None
 

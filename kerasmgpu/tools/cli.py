@@ -12,17 +12,17 @@ way argparse reports a malformed flag.
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+
+from kerasmgpu.options import UsageError
 
 COMMAND_MODULES = (
     "kerasmgpu.tools.bench",
     "kerasmgpu.tools.predict_scaling",
     "kerasmgpu.cluster.launch",
 )
-
-
-class UsageError(ValueError):
-    """A command-line request that cannot be carried out (reported without a traceback)."""
 
 
 def build_parser():
@@ -40,6 +40,10 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="kerasmgpu",
         description="kerasmgpu: multi_gpu_model for Keras 3 (benchmarks and tools).",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show TensorFlow's own log lines (hidden by default)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -64,16 +68,57 @@ def main(argv=None):
     cli.main(["bench", "--devices", "1,2", "--steps", "5"])
     ```
     """
+    # Nothing here imports TensorFlow: `--help` and usage errors answer at once.
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run = getattr(args, "run", None)
     if run is None:
         parser.print_help(sys.stderr)
         return 2
+    if not args.verbose:
+        quiet_tensorflow()
+        if getattr(args, "uses_tensorflow", False):
+            start_tensorflow_quietly()
     try:
         return run(args) or 0
     except UsageError as error:
         args.command_parser.error(str(error))
+
+
+def quiet_tensorflow():
+    """Keep TensorFlow's start-up lines (CUDA, oneDNN, absl) out of a command's output.
+
+    Why here: they are printed when TensorFlow is first imported, which a command does
+    only once its arguments are parsed; `-v` keeps them. A level the user set is kept.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+
+
+def start_tensorflow_quietly():
+    """Import TensorFlow and find its devices with the process's standard error set aside.
+
+    Why: TensorFlow's C++ start-up lines (CUDA stubs, cuInit, absl's "All log messages
+    before absl::InitializeLog()") are written to file descriptor 2 before any log level
+    applies. They are kept in a temporary file and shown only if starting fails. Only
+    commands that run TensorFlow in this process call it (`uses_tensorflow=True`).
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as aside:
+        os.dup2(aside.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            aside.seek(0)
+            sys.stderr.write(aside.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from importlib import metadata
 
 import numpy as np
 
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.options import UsageError
 
 MODEL_ENTRY_POINTS = "kerasmgpu.models"
 DEFAULT_MODEL = "cifar10_convnet"

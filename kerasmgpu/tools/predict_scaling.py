@@ -12,8 +12,8 @@ replicated and sharded (`optimizer_state="sharded"`) for each GPU count.
 
 import json
 
-from kerasmgpu.tools import flops, models
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.options import UsageError, finite_float, writable_file
+from kerasmgpu.tools import models
 from kerasmgpu.tools.scaling import (
     AGGREGATIONS,
     DEFAULT_GPUS,
@@ -39,7 +39,7 @@ def add_parser(subparsers):
     models.add_model_arguments(parser)
     add_prediction_arguments(parser)
     parser.add_argument(
-        "--step-time", type=float, default=None, metavar="SECONDS",
+        "--step-time", type=finite_float, default=None, metavar="SECONDS",
         help="training step time on one GPU at --batch-size (default: measure plain Keras "
         "on this machine's first device, unless --gpu-tflops is given)",
     )
@@ -70,7 +70,7 @@ def add_parser(subparsers):
         "simulated devices in a worker process; one traced step per count and layout)",
     )
     parser.add_argument(
-        "--card-memory", type=float, default=None, metavar="GB",
+        "--card-memory", type=finite_float, default=None, metavar="GB",
         help="also show the largest model (parameters) that fits per device of this many "
         "GB, with the optimizer state replicated and sharded",
     )
@@ -79,17 +79,18 @@ def add_parser(subparsers):
         help="the optimizer whose state --card-memory counts (default: %(default)s)",
     )
     parser.add_argument(
-        "--reserved", type=float, default=0.0, metavar="FRACTION",
+        "--reserved", type=finite_float, default=0.0, metavar="FRACTION",
         help="share of the card kept for activations with --card-memory (default: 0)",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write JSON here")
-    parser.set_defaults(run=run_command, command_parser=parser)
+    parser.set_defaults(run=run_command, command_parser=parser, uses_tensorflow=True)
     return parser
 
 
 def run_command(args):
     """Run `kerasmgpu predict-scaling` with parsed arguments."""
-    options = parse_prediction_options(args)
+    writable_file(args.json, "--json")
+    prediction_options = parse_prediction_options(args)
     if args.step_time is not None and args.step_time <= 0:
         raise UsageError(f"--step-time must be > 0 seconds. Received: {args.step_time}")
     if args.step_time is not None and args.gpu_tflops is not None:
@@ -120,6 +121,8 @@ def run_command(args):
     model = models.build_model(builder, name)
     gradient_bytes = gradient_bytes_of(model)
     if args.gpu_tflops is not None:
+        from kerasmgpu.tools import flops  # TensorFlow: only to run, never for --help
+
         forward, _ = flops.forward_flops_per_sample(model)
         compute_time, source = models.compute_time_from_tflops(
             flops.TRAINING_FLOPS_FACTOR * forward, args.batch_size, args.gpu_tflops
@@ -136,21 +139,21 @@ def run_command(args):
         from kerasmgpu.tools.bench.traffic import measured_bytes, section
 
         entries = runner.measure_traffic_only(
-            args.model, options["gpus"], args.batch_size, args.seed
+            args.model, prediction_options["gpus"], args.batch_size, args.seed
         )
         measured = measured_bytes(section(entries))
         measured_source = (
             f"measured now: kerasmgpu.measure_traffic at batch {args.batch_size} on "
-            f"{max(options['gpus'])} simulated devices"
+            f"{max(prediction_options['gpus'])} simulated devices"
         )
     report = prediction_report(
         compute_time, source, gradient_bytes, args.batch_size, measured=measured,
-        measured_source=measured_source, **options
+        measured_source=measured_source, **prediction_options
     )
     report["model"] = name
     print(format_report(report))
     if args.card_memory is not None:
-        rows = largest_models(args.card_memory * 1e9, options["gpus"],
+        rows = largest_models(args.card_memory * 1e9, prediction_options["gpus"],
                               STATE_SLOTS[args.optimizer], args.reserved)
         report["memory"] = {"card_gb": args.card_memory, "optimizer": args.optimizer,
                             "reserved": args.reserved, "largest_models": rows}

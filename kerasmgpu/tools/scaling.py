@@ -44,7 +44,7 @@ global batch that reaches 80% efficiency, taking compute time as proportional to
 import dataclasses
 import math
 
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.options import UsageError, finite_float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,12 +477,12 @@ def format_memory(rows, card_gb, optimizer, reserved_fraction, model_parameters=
 def add_prediction_arguments(parser):
     """Options shared by `predict-scaling` and `bench --predict`."""
     parser.add_argument(
-        "--gpu-tflops", type=float, default=None, metavar="TFLOPS",
+        "--gpu-tflops", type=finite_float, default=None, metavar="TFLOPS",
         help="compute time from the model's training FLOPs at this sustained TFLOP/s of the "
         "target GPU (e.g. 0.5 x its float32 peak) instead of the measured step time",
     )
     parser.add_argument(
-        "--overlap", type=float, default=0.0,
+        "--overlap", type=finite_float, default=0.0,
         help="fraction of the backward pass that communication hides behind (default: 0)",
     )
 

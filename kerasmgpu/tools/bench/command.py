@@ -6,9 +6,9 @@ import math
 import os
 import sys
 
-from kerasmgpu.devices import ENV_SIMULATED_DEVICES
+from kerasmgpu import options
+from kerasmgpu.options import ENV_SIMULATED_DEVICES, UsageError
 from kerasmgpu.tools import models, scaling
-from kerasmgpu.tools.cli import UsageError
 
 DEFAULT_JSON = "kerasmgpu_bench.json"
 DEFAULT_PLOT = "kerasmgpu_bench.png"
@@ -154,7 +154,7 @@ def add_parser(subparsers):
     )
     scaling.add_prediction_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run_command, command_parser=parser)
+    parser.set_defaults(run=run_command, command_parser=parser, uses_tensorflow=True)
     return parser
 
 
@@ -199,6 +199,9 @@ def run_command(args):
     from kerasmgpu.tools.bench.traffic import format_table as format_traffic
 
     models.validate_model_arguments(args)
+    # Where the results go is checked before minutes of measurement, not after.
+    options.writable_file(args.json, "--json")
+    options.writable_file(args.plot, "--plot")
     counts = (
         default_device_counts() if args.devices is None else parse_device_counts(args.devices)
     )

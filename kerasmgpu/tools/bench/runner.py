@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from kerasmgpu.tools.cli import UsageError
+from kerasmgpu.options import UsageError
 
 # Every answer of a worker is one stdout line starting with this (libraries may print too).
 ANSWER_PREFIX = "@kerasmgpu-bench "
