@@ -14,6 +14,7 @@
 - `watchdog`: the process that ends a worker whose peers never start.
 - `tuner`: `kerasmgpu launch --tuner`, KerasTuner's chief and one tuner worker per device.
 - `epochs`: the workers' agreement on steps per epoch.
+- `machine`: this machine for the launchers: free ports, visible GPUs, usable cores.
 
 The public names are re-exported here: `kerasmgpu.cluster.connect()`, `current()`,
 `ClusterError`, `parse_tf_config()`, `shard()`, `set_input()`.

@@ -78,7 +78,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -86,96 +85,23 @@ from typing import NamedTuple
 from kerasmgpu.cluster import network as network_lib
 from kerasmgpu.cluster import slurm, supervise
 from kerasmgpu.cluster.backup import ENV_BACKUP_DIR
+from kerasmgpu.cluster.machine import (
+    LOCALHOST,
+    check_command,
+    check_count,
+    free_ports,
+    usable_cores,
+    visible_gpu_ids,
+)
 from kerasmgpu.options import ENV_SIMULATED_DEVICES, UsageError
 
 ENV_WORKER_INDEX = "KERASMGPU_WORKER_INDEX"
 ENV_RESTART = "KERASMGPU_RESTART"
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-LOCALHOST = "127.0.0.1"
 DEFAULT_PORT = 12345
 # worker.ENV_TIMEOUT, named here because importing worker.py loads TensorFlow.
 _COLLECTIVE_TIMEOUT_VARIABLE = "KERASMGPU_COLLECTIVE_TIMEOUT"
 _PEER_PROBE_SECONDS = 0.5
-
-
-def free_ports(count, host=LOCALHOST):
-    """Distinct TCP ports on `host` that nothing listens on at the moment.
-
-    All sockets stay bound until every port is chosen, so the ports differ. Another
-    program may still take one before the worker binds it; that is rare on a test box.
-
-    Args:
-        count: how many ports.
-        host: the address to bind.
-
-    Returns:
-        A list of `count` port numbers.
-
-    Example:
-
-    ```python
-    p0, p1 = free_ports(2)
-    ```
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def visible_gpu_ids(env=None):
-    """The ids of the GPUs workers may use, found without starting TensorFlow.
-
-    `CUDA_VISIBLE_DEVICES` in `env`, when set, is the answer (empty or -1: no GPU);
-    otherwise `nvidia-smi` lists the GPUs; without it the machine has none. Starting
-    TensorFlow in the launcher would only load CUDA for nothing.
-
-    Args:
-        env: the environment the workers start from (default `os.environ`).
-
-    Returns:
-        A list of GPU ids as strings (indices or UUIDs), empty without GPUs.
-
-    Example:
-
-    ```python
-    gpus = visible_gpu_ids()   # e.g. ["0", "1", "2", "3"], or [] on a CPU-only box
-    ```
-    """
-    env = os.environ if env is None else env
-    listed = env.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        ids = [part.strip() for part in listed.split(",") if part.strip()]
-        # CUDA stops at the first invalid entry; -1 is the usual way to hide all GPUs.
-        if "-1" in ids:
-            ids = ids[: ids.index("-1")]
-        return ids
-    nvidia_smi = shutil.which("nvidia-smi", path=env.get("PATH"))
-    if nvidia_smi is None:
-        return []
-    try:
-        result = subprocess.run(
-            [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if result.returncode != 0:
-        return []
-    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
-
-
-def usable_cores():
-    """The number of CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def tf_config(addresses, index):
@@ -310,7 +236,7 @@ def node_layout(hosts, node_rank, workers_per_node):
     # ("10.0.0.1:12345", "10.0.0.1:12346", "10.0.0.2:12345", "10.0.0.2:12346")
     ```
     """
-    _check_count("workers_per_node", workers_per_node)
+    check_count("workers_per_node", workers_per_node)
     nodes = parse_hosts(hosts)
     if (isinstance(node_rank, bool) or not isinstance(node_rank, int)
             or not 0 <= node_rank < len(nodes)):
@@ -384,11 +310,11 @@ def worker_environments(workers=None, devices_per_worker=None, env=None, gpu_ids
     ```
     """
     if layout is None:
-        _check_count("workers", workers)
+        check_count("workers", workers)
         layout = local_layout(workers, ports)
     workers = len(layout.local)
     if devices_per_worker is not None:
-        _check_count("devices_per_worker", devices_per_worker)
+        check_count("devices_per_worker", devices_per_worker)
     env = dict(os.environ if env is None else env)
     gpu_ids = visible_gpu_ids(env) if gpu_ids is None else list(gpu_ids)
     cores = usable_cores() if cores is None else cores
@@ -470,28 +396,6 @@ def oversubscription(workers, devices_per_worker, gpu_ids, cores):
     )
 
 
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1. Received: {name}={value!r}")
-
-
-def _check_command(command):
-    if isinstance(command, (str, bytes)):
-        raise ValueError(
-            "command must be a list of arguments such as ['python', 'train.py']. "
-            f"Received: command={command!r}"
-        )
-    command = list(command or ())
-    if not command:
-        raise ValueError(
-            "No command to launch: give one after '--', e.g. "
-            "kerasmgpu launch --workers 2 -- python train.py. Received: command=[]"
-        )
-    if not all(isinstance(part, str) for part in command):
-        raise ValueError(f"command must be a list of strings. Received: command={command!r}")
-    return command
-
-
 def launch(command, workers=None, devices_per_worker=None, grace_seconds=30.0, env=None,
            stream=None, error_stream=None, network=None, *, workers_per_node=None,
            hosts=None, node_rank=None, max_restarts=0, backup_dir=None):
@@ -554,7 +458,7 @@ def launch(command, workers=None, devices_per_worker=None, grace_seconds=30.0, e
                     node_rank=1, max_restarts=3, backup_dir="/shared/run1/backup")
     ```
     """
-    command = _check_command(command)
+    command = check_command(command)
     if (isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float))
             or not grace_seconds >= 0):
         raise ValueError(
@@ -654,7 +558,7 @@ def _layout(workers, workers_per_node, hosts, node_rank, env):
             f"workers_per_node={workers_per_node!r}"
         )
     if workers is not None:
-        _check_count("workers", workers)
+        check_count("workers", workers)
         if hosts is not None or node_rank is not None:
             raise ValueError(
                 "hosts and node_rank describe a cluster of several nodes: give "
@@ -669,7 +573,7 @@ def _layout(workers, workers_per_node, hosts, node_rank, env):
             "machine, or workers_per_node=K (--workers-per-node K) on each node of several. "
             "Received: neither"
         )
-    _check_count("workers_per_node", workers_per_node)
+    check_count("workers_per_node", workers_per_node)
     if hosts is not None:
         if node_rank is None:
             raise ValueError(

@@ -29,11 +29,12 @@ directory; KerasTuner's default (`overwrite=False`) is what restarts need.
 
 import importlib.util
 import os
+import shutil
 import signal
 import sys
 import time
 
-from kerasmgpu.cluster import supervise
+from kerasmgpu.cluster import machine, supervise
 from kerasmgpu.devices import ENV_CORES_PER_DEVICE, ENV_SIMULATED_DEVICES
 
 ENV_TUNER_ID = "KERASTUNER_TUNER_ID"
@@ -244,8 +245,6 @@ def run_command(args):
     Raises:
         UsageError: a flag value or the command is unusable (reported with exit status 2).
     """
-    # Imported here: launch imports this module.
-    from kerasmgpu.cluster import launch
     from kerasmgpu.options import UsageError
 
     if getattr(args, "devices_per_worker", None) not in (None, 1):
@@ -259,18 +258,18 @@ def run_command(args):
     max_restarts = getattr(args, "max_restarts", None)
     max_restarts = 3 if max_restarts is None else max_restarts
     try:
-        command = launch._check_command(args.command)
+        command = machine.check_command(args.command)
         env = dict(os.environ)
-        gpu_ids = launch.visible_gpu_ids(env)
+        gpu_ids = machine.visible_gpu_ids(env)
         workers = args.workers if args.workers is not None else default_workers(env, gpu_ids)
-        launch._check_count("--workers", workers)
+        machine.check_count("--workers", workers)
         if not args.grace_seconds >= 0:
             raise ValueError(f"--grace-seconds must be >= 0. Received: {args.grace_seconds:g}")
-        if launch.shutil.which(command[0], path=env.get("PATH")) is None:
+        if shutil.which(command[0], path=env.get("PATH")) is None:
             raise ValueError(f"Cannot find the program to launch: {command[0]!r} is not an "
                              "executable file or on the PATH.")
-        return launch_tuner(command, workers, gpu_ids, launch.usable_cores(),
-                            launch.free_ports(1)[0], max_restarts=max_restarts,
+        return launch_tuner(command, workers, gpu_ids, machine.usable_cores(),
+                            machine.free_ports(1)[0], max_restarts=max_restarts,
                             grace_seconds=args.grace_seconds, env=env)
     except ValueError as error:
         raise UsageError(str(error)) from None
