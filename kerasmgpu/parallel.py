@@ -203,9 +203,10 @@ class ParallelModel(trainer.TemplateTrainer):
 
     def _run_custom_step(self, step, data):
         """The template's own `step` (overridden, or Keras' default), model calls sliced."""
-        optimizers = custom_steps.find_optimizers(self.template, self.optimizer)
         training = step == "train_step"
-        with self._sliced_calls.active(optimizers if training else (), copies=training):
+        optimizers = custom_steps.find_optimizers(
+            self.template, getattr(self, "optimizer", None)) if training else ()
+        with self._sliced_calls.active(optimizers, copies=training):
             return getattr(self.template, step)(data)
 
     # ----------------------------------------------------------------- the steps
