@@ -83,7 +83,7 @@ def check_built(model):
 
 
 def find_optimizers(model, *others):
-    """Every distinct optimizer `model` holds as an attribute (a GAN's d_/g_optimizer), and `others`."""
+    """`others` and every distinct optimizer `model` holds (a GAN's d_ and g_optimizer)."""
     found = []
     candidates = list(others) + [getattr(model, "optimizer", None)] + list(vars(model).values())
     for candidate in candidates:

@@ -237,3 +237,41 @@ def test_no_template_variable_gets_a_second_copy():
     assert len(concrete.graph.variables) == expected
     gan, concrete = _traced_gan_step(2, "replicated")
     assert len(concrete.graph.variables) == expected + len(gan.trainable_variables)
+
+
+# ----------------------------------------------------------- clear refusals
+class FunctionalTrainStep(keras.Model):
+    """A functional model (Model(inputs, outputs) subclass) with its own train_step."""
+
+    def train_step(self, data):
+        return super().train_step(data)
+
+
+def test_split_model_refuses_a_template_overriding_a_step_naming_it():
+    from kerasmgpu.split import split_model
+
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4)(inputs)
+    model = FunctionalTrainStep(inputs, keras.layers.Dense(1)(hidden))
+    with pytest.raises(ValueError, match=r"overrides train_step\(\).*multi_gpu_model"):
+        split_model(model, devices=2)
+
+
+def test_unbuilt_sub_model_is_named_at_wrap_time():
+    generator = keras.Sequential([keras.layers.Dense(4)], name="unbuilt_generator")
+    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    gan = models.GAN(discriminator, generator, latent_dim=3)
+    with pytest.raises(ValueError, match="'unbuilt_generator' is not built"):
+        kerasmgpu.multi_gpu_model(gan, gpus=2)
+
+
+def test_options_a_custom_step_cannot_run_are_refused_at_wrap_time():
+    with pytest.raises(ValueError, match="sync_period=1.*Received: sync_period=2"):
+        kerasmgpu.multi_gpu_model(small_dcgan(), gpus=2, variables="replicated",
+                                  sync_period=2)
+    generator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                                  keras.layers.BatchNormalization(name="bn")])
+    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    gan = models.GAN(discriminator, generator, latent_dim=3)
+    with pytest.raises(ValueError, match="synchronized BatchNormalization layers \\('bn'\\)"):
+        kerasmgpu.multi_gpu_model(gan, gpus=2, sync_batchnorm=True)
