@@ -110,6 +110,8 @@ class GAN(keras.Model):
         return [self.d_loss_metric, self.g_loss_metric]
 
     def train_step(self, real_images):
+        if isinstance(real_images, tuple):  # (images,) from fit(x) or train_on_batch(x)
+            real_images = real_images[0]
         batch_size = ops.shape(real_images)[0]
         random_latent_vectors = keras.random.normal(
             shape=(batch_size, self.latent_dim), seed=self.seed_generator
@@ -206,6 +208,8 @@ class WGANGP(keras.Model):
         return tf.reduce_mean((norm - 1.0) ** 2)
 
     def train_step(self, real_images):
+        if isinstance(real_images, tuple):
+            real_images = real_images[0]
         batch_size = tf.shape(real_images)[0]
         for _ in range(self.d_steps):
             z = keras.random.normal((batch_size, self.latent_dim), seed=self.seed_generator)
