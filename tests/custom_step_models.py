@@ -10,6 +10,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from zoo.gan import GAN, compile_gan, dcgan  # noqa: F401 (the keras.io DCGAN, shared)
+
 
 # ------------------------------------------------ "Customizing what happens in fit()"
 class BasicTrainStep(keras.Model):
@@ -87,99 +89,6 @@ class OwnPredictStep(BasicTrainStep):
 
 
 # ------------------------------------------------------------------------- GANs
-class GAN(keras.Model):
-    """keras.io's DCGAN training loop: compile(d_optimizer, g_optimizer, loss_fn), no call()."""
-
-    def __init__(self, discriminator, generator, latent_dim, **kwargs):
-        super().__init__(**kwargs)
-        self.discriminator = discriminator
-        self.generator = generator
-        self.latent_dim = latent_dim
-        self.seed_generator = keras.random.SeedGenerator(1337)
-
-    def compile(self, d_optimizer, g_optimizer, loss_fn):
-        super().compile()
-        self.d_optimizer = d_optimizer
-        self.g_optimizer = g_optimizer
-        self.loss_fn = loss_fn
-        self.d_loss_metric = keras.metrics.Mean(name="d_loss")
-        self.g_loss_metric = keras.metrics.Mean(name="g_loss")
-
-    @property
-    def metrics(self):
-        return [self.d_loss_metric, self.g_loss_metric]
-
-    def train_step(self, real_images):
-        if isinstance(real_images, tuple):  # (images,) from fit(x) or train_on_batch(x)
-            real_images = real_images[0]
-        batch_size = ops.shape(real_images)[0]
-        random_latent_vectors = keras.random.normal(
-            shape=(batch_size, self.latent_dim), seed=self.seed_generator
-        )
-        generated_images = self.generator(random_latent_vectors)
-        combined_images = ops.concatenate([generated_images, real_images], axis=0)
-        labels = ops.concatenate(
-            [ops.ones((batch_size, 1)), ops.zeros((batch_size, 1))], axis=0
-        )
-        labels += 0.05 * keras.random.uniform(ops.shape(labels), seed=self.seed_generator)
-        with tf.GradientTape() as tape:
-            predictions = self.discriminator(combined_images)
-            d_loss = self.loss_fn(labels, predictions)
-        grads = tape.gradient(d_loss, self.discriminator.trainable_weights)
-        self.d_optimizer.apply_gradients(zip(grads, self.discriminator.trainable_weights))
-
-        random_latent_vectors = keras.random.normal(
-            shape=(batch_size, self.latent_dim), seed=self.seed_generator
-        )
-        misleading_labels = ops.zeros((batch_size, 1))
-        with tf.GradientTape() as tape:
-            predictions = self.discriminator(self.generator(random_latent_vectors))
-            g_loss = self.loss_fn(misleading_labels, predictions)
-        grads = tape.gradient(g_loss, self.generator.trainable_weights)
-        self.g_optimizer.apply_gradients(zip(grads, self.generator.trainable_weights))
-
-        self.d_loss_metric.update_state(d_loss)
-        self.g_loss_metric.update_state(g_loss)
-        return {"d_loss": self.d_loss_metric.result(), "g_loss": self.g_loss_metric.result()}
-
-
-def dcgan(image_size=8, latent_dim=8, channels=1, width=8, blocks=2, seed=1):
-    """keras.io's DCGAN shape (strided convolutions, LeakyReLU), scaled to `image_size`.
-
-    `blocks` strided convolutions in the discriminator and transposed ones in the
-    generator (keras.io: 3 at 64x64); `image_size` must divide by 2**blocks.
-    """
-    keras.utils.set_random_seed(seed)
-    discriminator = keras.Sequential(
-        [keras.Input((image_size, image_size, channels))]
-        + [layer for block in range(blocks) for layer in (
-            layers.Conv2D(width * 2 ** block, 4, strides=2, padding="same"),
-            layers.LeakyReLU(negative_slope=0.2))]
-        + [layers.Flatten(), layers.Dense(1)],
-        name="discriminator",
-    )
-    smallest = image_size // 2 ** blocks
-    top = width * 2 ** (blocks - 1)
-    generator = keras.Sequential(
-        [keras.Input((latent_dim,)), layers.Dense(smallest * smallest * top),
-         layers.Reshape((smallest, smallest, top))]
-        + [layer for block in reversed(range(blocks)) for layer in (
-            layers.Conv2DTranspose(width * 2 ** block, 4, strides=2, padding="same"),
-            layers.LeakyReLU(negative_slope=0.2))]
-        + [layers.Conv2D(channels, 3, padding="same", activation="sigmoid")],
-        name="generator",
-    )
-    return GAN(discriminator, generator, latent_dim)
-
-
-def compile_gan(gan, learning_rate=1e-3):
-    gan.compile(
-        d_optimizer=keras.optimizers.Adam(learning_rate),
-        g_optimizer=keras.optimizers.Adam(learning_rate),
-        loss_fn=keras.losses.BinaryCrossentropy(from_logits=True),
-    )
-
-
 class WGANGP(keras.Model):
     """keras.io's WGAN-GP: d_steps discriminator updates a step, with a gradient penalty."""
 
