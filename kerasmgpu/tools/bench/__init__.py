@@ -135,6 +135,10 @@ def run_benchmark(model=DEFAULT_MODEL, device_counts=(1, 2), cores_per_device=No
                 "JAX backend cannot run"
             )
             plan = runner.plan_contenders(device_counts, methods)
+        if model_info["own_train_step"] and "predict" in phases:
+            # A GAN has no call(): what it predicts is its own business (its generator).
+            phases = tuple(p for p in phases if p != "predict")
+            skipped["predict"] = "the model has its own train_step; only training is timed"
         spec = {
             "model": model, "weights": weights, "batch_size": batch_size, "seed": seed,
             "jit_compile": bool(jit_compile), "steps_per_execution": steps_per_execution,
