@@ -55,8 +55,14 @@ class ParallelModel(trainer.TemplateTrainer):
     `save_weights`, `load_weights` and `keras.callbacks.ModelCheckpoint` read and write
     the template, so saved files load with plain Keras.
 
+    A template whose class overrides `train_step`, `test_step` or `predict_step` (a GAN,
+    a VAE) runs its own step, once, each model call inside it split across the devices
+    (`kerasmgpu.custom_steps`, docs/custom_steps.md); compile the wrapper with the
+    template's own compile arguments, or compile the template before wrapping.
+
     Args:
-        template: a built `keras.Model` (Sequential, functional or subclassed).
+        template: a built `keras.Model` (Sequential, functional or subclassed; with its own
+            train_step, a model whose sub-models are built).
         devices: device names or ids (see `multi_gpu_model`'s `gpus`), or None for all
             visible devices.
         cpu_merge: merge outputs and compute the loss on the CPU (True) or on the first
