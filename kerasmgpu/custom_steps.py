@@ -174,7 +174,9 @@ class SlicedCalls:
     # --------------------------------------------------------------- the call
     def call(self, model, inputs, args, kwargs):
         """`model(inputs, *args, **kwargs)` on the global batch, run slice by slice."""
-        if "training" not in kwargs:
+        if "training" not in kwargs and not args:
+            # The mode Keras resolved for this call, so that its slices (and their
+            # recomputation for a second derivative, outside this call) run in it too.
             training = _compat.call_context_training()
             if training is not None:
                 kwargs = {**kwargs, "training": training}

@@ -86,6 +86,19 @@ def test_customizing_fit_models_train_as_on_one_device(cls, compile_model, n):
     assert "mae" in got
 
 
+def test_run_eagerly_trains_as_on_one_device():
+    def compile_model(model):
+        model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"],
+                      run_eagerly=True)
+
+    reference, template, parallel, (expected, got) = _fit_pair(
+        _built(models.BasicTrainStep), compile_model, (X, Y), 2
+    )
+    assert parallel.run_eagerly
+    assert _weights_difference(reference, template) <= TOLERANCE
+    assert _history_difference(expected, got) <= TOLERANCE
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_custom_test_step_evaluates_as_on_one_device(n):
     reference, template, parallel, _ = _fit_pair(
