@@ -32,6 +32,10 @@ TensorFlow 2.21). When an upgrade breaks one, this is the file to fix.
   step, and the step around a branch (collective keys that match across branches).
 - `Dataset._as_serialized_graph`, `_AutoShardDataset`: which ops a tf.data pipeline runs,
   and tf.data's FILE auto-shard rewrite (`kerasmgpu.cluster.shard`).
+- `record.should_record_backprop`, Keras' `current_call_ctx`, `Trainer._loss_tracker` /
+  `_compile_metrics` / `_compile_loss`, `BaseOptimizer._trainable_variables`: a template's
+  own train_step (`kerasmgpu.custom_steps`): whether a tape differentiates a gradient, the
+  training mode of the call being sliced, which metrics compile made, what `apply` updates.
 """
 
 import contextlib
