@@ -35,6 +35,10 @@ TensorFlow 2.21). When an upgrade breaks one, this is the file to fix.
 - `Optimizer._exclude_from_weight_decay`, `_exclude_from_weight_decay_pattern`: whether an
   optimizer excludes variables from weight decay (sharded optimizer state cannot; Keras
   has a setter but no getter).
+- `record.should_record_backprop`, Keras' `current_call_ctx`, `Trainer._loss_tracker` /
+  `_compile_metrics` / `_compile_loss`, `BaseOptimizer._trainable_variables`: a template's
+  own train_step (`kerasmgpu.custom_steps`): whether a tape differentiates a gradient, the
+  training mode of the call being sliced, which metrics compile made, what `apply` updates.
 """
 
 import contextlib
@@ -268,3 +272,51 @@ def weight_decay_exclusions(optimizer):
     if pattern is not None:
         found.append(f"names matching {pattern.pattern!r}")
     return found
+
+
+def recorded_by_outer_tape(tensors):
+    """Whether a gradient tape that is recording right now watches any of `tensors`.
+
+    A sliced model call's gradient reuses its forward tape when nothing differentiates the
+    gradient itself (the usual first-order step), and recomputes the forward pass under the
+    recording tapes when something does (WGAN-GP's gradient penalty), so that the second
+    derivative flows through the forward pass too.
+    """
+    # private: record.should_record_backprop is how TensorFlow's own ops decide whether to
+    # record; there is no public query of the active tapes.
+    from tensorflow.python.eager import record
+
+    return bool(record.should_record_backprop([t for t in tensors if t is not None]))
+
+
+def call_context_training():
+    """The `training` value of the Keras layer call in progress (None when unset).
+
+    A model call intercepted inside a custom step reads the mode Keras resolved for it (an
+    explicit argument, or the enclosing call's), so its slices and their recomputation run
+    in the same mode even when the model's `call` takes no `training` argument.
+    """
+    # private: Keras keeps the current CallContext as a global attribute; layers read it
+    # through Layer._get_call_context().
+    from keras.src.backend.common import global_state
+
+    context = global_state.get_global_attribute("current_call_ctx")
+    return None if context is None else getattr(context, "training", None)
+
+
+def compiled_metrics(model):
+    """The metric objects `compile` created for `model` (its loss tracker, compiled metrics)."""
+    # private: Trainer._loss_tracker, _compile_metrics and _compile_loss are what compile()
+    # sets; `model.metrics` mixes them with the model's own trackers.
+    found = [getattr(model, "_loss_tracker", None), getattr(model, "_compile_metrics", None)]
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is not None:
+        found += list(compile_loss.metrics)
+    return [m for m in found if m is not None]
+
+
+def optimizer_variables(optimizer):
+    """The trainable variables `optimizer.apply(grads)` updates when given none."""
+    # private: BaseOptimizer._trainable_variables is the list build() recorded; apply()
+    # without variables updates those.
+    return list(optimizer._trainable_variables)

@@ -40,7 +40,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from kerasmgpu import _compat, batchnorm, comm, distill, options, slicing, trainer
+from kerasmgpu import _compat, batchnorm, comm, custom_steps, distill, options, slicing, trainer
 from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
 from kerasmgpu.cluster import backup
@@ -56,8 +56,14 @@ class ParallelModel(trainer.TemplateTrainer):
     `save_weights`, `load_weights` and `keras.callbacks.ModelCheckpoint` read and write
     the template, so saved files load with plain Keras.
 
+    A template whose class overrides `train_step`, `test_step` or `predict_step` (a GAN,
+    a VAE) runs its own step, once, each model call inside it split across the devices
+    (`kerasmgpu.custom_steps`, docs/custom_steps.md); compile the wrapper with the
+    template's own compile arguments, or compile the template before wrapping.
+
     Args:
-        template: a built `keras.Model` (Sequential, functional or subclassed).
+        template: a built `keras.Model` (Sequential, functional or subclassed; with its own
+            train_step, a model whose sub-models are built).
         devices: device names or ids (see `multi_gpu_model`'s `gpus`), or None for all
             visible devices.
         cpu_merge: merge outputs and compute the loss on the CPU (True) or on the first
@@ -123,6 +129,18 @@ class ParallelModel(trainer.TemplateTrainer):
             self._workers,
         )
         self._teacher = distill.find_teacher(template, teacher_device)
+        # A template with its own train/test/predict step: the step runs once, its model
+        # calls sliced (kerasmgpu.custom_steps).
+        self._custom_steps = custom_steps.overridden_steps(template)
+        self._sliced_calls = None
+        if self._custom_steps:
+            _check_custom_step_options(template, self._comm, self._workers, self._batchnorm)
+            self._sliced_calls = custom_steps.SlicedCalls(
+                template, self._replica_devices, self.merge_device, self._comm,
+                seed_offset=self._workers.worker_index * len(self._replica_devices),
+            )
+            if template.compiled:
+                self._compile_like_template()
 
     # ----------------------------------------------------------------- properties
     @property
@@ -158,8 +176,64 @@ class ParallelModel(trainer.TemplateTrainer):
             return super()._loss_scope(tape)
         return self._teacher.placed(tape, self.merge_device, self._replica_devices)
 
+    @property
+    def metrics(self):
+        # A custom step updates the template's own metrics (its trackers, its compiled
+        # ones): fit's logs and History read those, as on one device.
+        if getattr(self, "_custom_steps", None):
+            return self.template.metrics
+        return super().metrics
+
+    # ---------------------------------------------------------- compile
+    def compile(self, *args, **kwargs):
+        """Configure training; see `TemplateTrainer.compile`.
+
+        For a template with its own train/test/predict step, the arguments are the
+        template's own (`compile(d_optimizer=..., g_optimizer=..., loss_fn=...)` for a
+        keras.io GAN, or the usual optimizer/loss/metrics): they go to the template's
+        `compile`, whose optimizers, losses and metrics its step uses; the wrapper then
+        takes the template's optimizer, `run_eagerly` and `steps_per_execution`. A
+        template compiled before wrapping needs no second compile.
+        """
+        if not self._custom_steps:
+            super().compile(*args, **kwargs)
+            self._comm.compiled(self.optimizer)  # e.g. sharded state: supported optimizers
+            return None
+        if kwargs.get("jit_compile") is True and self._device_count() > 1:
+            raise ValueError(
+                "jit_compile=True is not supported with more than one device: XLA would "
+                f"compile the work of all {self._device_count()} devices into one program "
+                "for one device. Use jit_compile=False or 'auto'. "
+                f"Received: jit_compile={kwargs['jit_compile']!r}"
+            )
+        self.template.compile(*args, **kwargs)
+        self._compile_like_template()
+        return None
+
+    def _compile_like_template(self):
+        """Compile the wrapper for fit/evaluate as the template was compiled."""
+        template = self.template
+        jit_compile = False if self._device_count() > 1 else getattr(
+            template, "jit_compile", False)
+        keras.Model.compile(
+            self, optimizer=template.optimizer or "rmsprop",
+            run_eagerly=getattr(template, "run_eagerly", False),
+            steps_per_execution=getattr(template, "steps_per_execution", 1),
+            jit_compile=jit_compile,
+        )
+
+    def _run_custom_step(self, step, data):
+        """The template's own `step` (overridden, or Keras' default), model calls sliced."""
+        training = step == "train_step"
+        optimizers = custom_steps.find_optimizers(
+            self.template, getattr(self, "optimizer", None)) if training else ()
+        with self._sliced_calls.active(optimizers, copies=training):
+            return getattr(self.template, step)(data)
+
     # ----------------------------------------------------------------- the steps
     def train_step(self, data):
+        if self._custom_steps:
+            return self._run_custom_step("train_step", data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x_local, x, y, sample_weight, global_size = self._workers.global_batch(
             x, y, sample_weight, needs_x=trainer.overrides_compute_loss(self.template)
@@ -193,6 +267,8 @@ class ParallelModel(trainer.TemplateTrainer):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def test_step(self, data):
+        if self._custom_steps:
+            return self._run_custom_step("test_step", data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x_local, x, y, sample_weight, global_size = self._workers.global_batch(
             x, y, sample_weight, needs_x=trainer.overrides_compute_loss(self.template)
@@ -213,6 +289,8 @@ class ParallelModel(trainer.TemplateTrainer):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def predict_step(self, data):
+        if self._custom_steps:
+            return self._run_custom_step("predict_step", data)
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self._predict(x)
 
@@ -360,9 +438,6 @@ class ParallelModel(trainer.TemplateTrainer):
         return self._workers.is_chief
 
     # ------------------------------------------------------- training calls
-    def compile(self, *args, **kwargs):
-        super().compile(*args, **kwargs)
-        self._comm.compiled(self.optimizer)  # e.g. sharded state: supported optimizers
 
     def _optimizer_for_saving(self):
         return self._comm.gathered_optimizer(self.template)
@@ -549,7 +624,9 @@ def _check_template(template):
             f"The model {template.name!r} is already a ParallelModel; wrap its template "
             "(model.template) instead."
         )
-    if not template.built:
+    if custom_steps.overridden_steps(template):
+        custom_steps.check_built(template)  # a keras.io GAN is never marked built
+    elif not template.built:
         raise ValueError(
             f"The model {template.name!r} is not built: its variables do not exist yet. "
             "Build it first (give it a keras.Input, call model.build(input_shape), or call "
@@ -568,7 +645,6 @@ def _check_template(template):
                 "cannot be sliced across devices. Build it with keras.Input(shape=...) "
                 "instead of batch_shape=/batch_size=."
             )
-    _check_custom_steps(template)
     for layer in _compat.flatten_layers(template):
         if getattr(layer, "stateful", False):
             raise ValueError(
@@ -578,35 +654,42 @@ def _check_template(template):
             )
 
 
-_STEP_ALTERNATIVES = {
-    "train_step": "override compute_loss instead (the wrapper computes the loss once on the "
-    "merged batch with it, and training equals one device), or train the model unwrapped",
-    "test_step": "override compute_loss instead (evaluate() computes the loss with it), or "
-    "evaluate the template itself (model.evaluate)",
-    "predict_step": "post-process the wrapper's predictions, or predict with the template "
-    "itself (model.predict)",
-}
-
-
-def _check_custom_steps(template):
-    """Refuse a template whose class overrides train_step, test_step or predict_step.
-
-    The wrapper runs its own steps (slice, towers, loss once, one update). A user's
-    train_step cannot be run per replica exactly in general: it may apply several
-    optimizers in sequence (a GAN's generator step reads the discriminator it just
-    updated), draw noise by batch size, and update metrics with per-batch values whose
-    per-slice means do not combine to the batch's. Running the wrapper's step instead
-    would train something else, silently; so the override is an error here.
-    """
-    for step, alternative in _STEP_ALTERNATIVES.items():
-        if getattr(type(template), step) is not getattr(keras.Model, step):
-            raise ValueError(
-                f"The model {template.name!r} overrides {step}(), which kerasmgpu cannot "
-                f"run across devices exactly: the wrapper runs its own {step} (replicas, "
-                "outputs merged, one update), so yours would be silently ignored. To use "
-                f"several devices, {alternative}. Received: a model of type "
-                f"{type(template).__name__} whose class defines {step}"
-            )
+def _check_custom_step_options(template, strategy, workers, synchronizer):
+    """Refuse, at wrap time, the options a template's own step cannot run with exactly."""
+    steps = ", ".join(custom_steps.overridden_steps(template))
+    if strategy.sync_period != 1:
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps}: its step runs once and applies "
+            "every update once, as on one device, so there are no replicas' weights to "
+            "average every few steps. Use sync_period=1 (synchronous training). "
+            f"Received: sync_period={strategy.sync_period}"
+        )
+    if isinstance(strategy, comm.Sharded) or getattr(strategy, "gradient_dtype",
+                                                     "float32") != "float32":
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps}: its step calls each optimizer "
+            "itself, once, on whole gradients, so the optimizer state cannot be sharded nor "
+            "the gradients sent in 16 bits. Use optimizer_state='full' and "
+            "gradient_dtype='float32'. Received: optimizer_state="
+            f"{'sharded' if isinstance(strategy, comm.Sharded) else 'full'!r}, "
+            f"gradient_dtype={getattr(strategy, 'gradient_dtype', 'float32')!r}"
+        )
+    if workers.num_workers > 1:
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps}, which kerasmgpu runs on the "
+            "devices of one machine; a TF_CONFIG cluster of several workers is not supported "
+            "for such models yet. Train it on one machine. "
+            f"Received: a cluster of {workers.num_workers} workers"
+        )
+    if synchronizer.layers:
+        names = ", ".join(repr(layer.name) for layer in synchronizer.layers[:3])
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps} and has synchronized "
+            f"BatchNormalization layers ({names}); synchronized statistics are not "
+            "supported inside a custom step yet. Use sync_batchnorm=False and layers built "
+            "with synchronized=False (each replica then normalises its slice), or train "
+            "unwrapped. Received: sync_batchnorm or BatchNormalization(synchronized=True)"
+        )
 
 
 def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,

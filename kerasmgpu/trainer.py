@@ -40,6 +40,19 @@ class TemplateTrainer(keras.Model):
         return True
 
     @property
+    def metrics(self):
+        # Keras leaves out the metrics of a nested model (the template is one); those the
+        # template tracks itself (a Distiller's student_loss and distillation_loss, which
+        # its compute_loss updates) belong in fit's logs, as on one device. Its compiled
+        # metrics are left out: the wrapper's own are the ones updated.
+        own = super().metrics
+        template = getattr(self, "template", None)
+        if template is None:
+            return own
+        compiled = {id(m) for m in _compat.compiled_metrics(template)}
+        return own + [m for m in template.metrics if id(m) not in compiled]
+
+    @property
     def losses(self):
         # During a step the template runs statelessly and its losses are collected by
         # hand; `compute_loss` reads them here.

@@ -88,6 +88,26 @@ def test_distillation_equals_one_device_distiller(gpus, teacher_device, make_los
     assert "call" not in vars(distiller.teacher)
 
 
+def test_distiller_metrics_show_in_fit_logs_as_on_one_device():
+    # student_loss, distillation_loss and total_loss are the Distiller's own trackers
+    # (its compute_loss updates them); "accuracy" is compiled.
+    x, y = _data()
+    histories = []
+    for wrap in (False, True):
+        distiller = _distiller()
+        model = kerasmgpu.multi_gpu_model(distiller, gpus=3) if wrap else distiller
+        model.compile(keras.optimizers.Adam(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        histories.append(model.fit(x, y, batch_size=12, epochs=2, shuffle=False,
+                                   verbose=0).history)
+    expected, got = histories
+    assert {"student_loss", "distillation_loss", "total_loss", "accuracy"} <= set(expected)
+    assert set(got) == set(expected)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)
+
+
 class _FrozenTeacherLoss(keras.Model):
     """A model whose compute_loss calls a second, frozen model (not a keras Distiller)."""
 

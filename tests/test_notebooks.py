@@ -35,6 +35,7 @@ def test_the_notebooks_exist():
         "03_mnist_mlp_and_genetic_search.ipynb",
         "04_single_vs_multi_device_speed.ipynb",
         "05_distillation.ipynb",
+        "06_custom_training_step.ipynb",
         "07_many_models.ipynb",
     ]
 

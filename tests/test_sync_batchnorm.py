@@ -1,8 +1,8 @@
 """Synchronized BatchNormalization equals one device; plain BatchNormalization does not.
 
 Each case trains a template wrapped on N devices and an identical model on one device
-with plain Keras, and compares every weight, moving statistics included. Also: templates
-overriding train_step/test_step/predict_step are refused at wrap time.
+with plain Keras, and compares every weight, moving statistics included. (Templates
+with their own train_step: tests/test_custom_steps.py.)
 """
 
 import keras
@@ -124,54 +124,6 @@ def test_mobilenet_v2_with_sync_batchnorm_trains_as_on_one_device():
         model.train_on_batch(images, labels)
     difference = max_weight_difference(reference, template)
     assert difference < 1e-5, difference
-
-
-class CustomTrainStep(keras.Model):
-    """The keras.io "Customizing what happens in fit()" model: its own train_step."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.dense = keras.layers.Dense(1)
-
-    def call(self, x):
-        return self.dense(x)
-
-    def train_step(self, data):
-        import tensorflow as tf
-
-        x, y = data
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(y=y, y_pred=y_pred)
-        gradients = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss)
-            else:
-                metric.update_state(y, y_pred)
-        return {m.name: m.result() for m in self.metrics}
-
-
-class CustomTestStep(keras.Model):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.dense = keras.layers.Dense(1)
-
-    def call(self, x):
-        return self.dense(x)
-
-    def test_step(self, data):
-        return super().test_step(data)
-
-
-@pytest.mark.parametrize("cls, step", [(CustomTrainStep, "train_step"),
-                                       (CustomTestStep, "test_step")])
-def test_template_overriding_a_step_is_refused_at_wrap_time(cls, step):
-    model = cls()
-    model(X[:2])
-    with pytest.raises(ValueError, match=f"overrides {step}.*compute_loss"):
-        kerasmgpu.multi_gpu_model(model, gpus=2)
 
 
 def test_synchronized_batchnorm_run_eagerly_is_a_clear_error():

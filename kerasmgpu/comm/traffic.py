@@ -20,6 +20,7 @@ On one process (simulated devices) the "transfers" are in-memory hand-overs, but
 exactly the transfers a GPU machine would make over its links.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -73,7 +74,9 @@ def measure_traffic(parallel_model, x, y=None, sample_weight=None):
     strategy.prepare(parallel_model.template, optimizer)
     saved = _snapshot(parallel_model, strategy)
     step = tf.function(parallel_model.train_step)
-    data = (x, y, sample_weight)
+    # As fit hands a batch to train_step: (x,), (x, y) or (x, y, sample_weight), which a
+    # template's own train_step (a GAN's, given only images) reads as on one device.
+    data = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
     collected = []
     try:
         # Traced before collecting: what tracing runs eagerly (state a strategy creates
@@ -241,6 +244,11 @@ def _snapshot(parallel_model, strategy):
     variables = list(parallel_model.variables)
     variables += list(parallel_model.optimizer.variables)
     variables += list(getattr(parallel_model, "metrics_variables", []))
+    # A template's own optimizers (a GAN's d_optimizer and g_optimizer), applied by its step.
+    variables += [
+        v for value in vars(parallel_model.template).values()
+        if isinstance(value, keras.optimizers.Optimizer) for v in value.variables
+    ]
     if hasattr(strategy, "state_variables"):
         variables += strategy.state_variables()
     unique = {id(v): v for v in variables}

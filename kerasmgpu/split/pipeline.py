@@ -47,7 +47,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from kerasmgpu import _compat, options, slicing, trainer
+from kerasmgpu import _compat, custom_steps, options, slicing, trainer
 from kerasmgpu import devices as devices_lib
 from kerasmgpu.split.plan import Plan
 
@@ -496,6 +496,7 @@ def split_model(model, devices, boundaries=None, microbatches=1):
     split.save("model.keras")  # an ordinary Keras model file
     ```
     """
+    _check_no_custom_steps(model)
     plan = Plan(model)
     microbatches = options.whole_number(microbatches, "microbatches", minimum=1)
     grid = _resolve_grid(devices)
@@ -513,6 +514,26 @@ def split_model(model, devices, boundaries=None, microbatches=1):
     else:
         cuts = plan.cuts_from_names(boundaries, num_stages)
     return SplitModel(model, plan, cuts, grid, microbatches)
+
+
+def _check_no_custom_steps(model):
+    """Refuse a model whose class overrides a step: the pipeline runs its own steps.
+
+    A pipeline step is the layer graph's forward pass cut into stages; a user's own
+    train_step (a GAN's two optimizers, a VAE's losses) is not a layer graph, and running
+    the pipeline's step instead would silently train something else.
+    """
+    steps = custom_steps.overridden_steps(model)
+    if steps:
+        raise ValueError(
+            f"The model {model.name!r} overrides {', '.join(f'{s}()' for s in steps)}, which "
+            "split_model cannot run: a pipeline runs its own steps over the stages of the "
+            "model's layer graph, so yours would be ignored. Wrap it with "
+            "kerasmgpu.multi_gpu_model instead (data parallelism runs your own step, each "
+            "model call split across the devices), or override compute_loss instead of "
+            f"train_step. Received: a model of type {type(model).__name__} whose class "
+            f"defines {', '.join(steps)}"
+        )
 
 
 def format_report(report, microbatches=1):

@@ -150,6 +150,15 @@ def build_model(builder, name):
             f"--model {name!r} must return a keras.Model. "
             f"Received: {type(model).__name__}"
         )
+    if has_own_train_step(model):
+        _check_own_step_model(model, name)
+        from kerasmgpu import custom_steps
+
+        # A GAN has no call(): Keras marks it built only when called, which it never is.
+        # Its variables are its (built) sub-models': mark it built so its weights save.
+        custom_steps.check_built(model)
+        model.built = True
+        return model
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
@@ -163,6 +172,44 @@ def build_model(builder, name):
     return model
 
 
+def has_own_train_step(model):
+    """Whether `model`'s class overrides `train_step` (a GAN, a VAE: see docs/custom_steps.md)."""
+    from kerasmgpu import custom_steps
+
+    return "train_step" in custom_steps.overridden_steps(model)
+
+
+def own_step_data_shape(model):
+    """The shape of one sample a model with its own train_step is fed (its `input_spec`)."""
+    spec = model.input_spec
+    spec = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    shape = getattr(spec, "shape", None)
+    return None if shape is None else tuple(shape[1:])
+
+
+def _check_own_step_model(model, name):
+    """A model with its own train_step: compiled by its builder, its data shape declared."""
+    shape = own_step_data_shape(model)
+    if shape is None or any(dim is None for dim in shape):
+        raise UsageError(
+            f"--model {name!r} has its own train_step, so the benchmark cannot derive its "
+            "data from inputs and outputs: declare the batch its step is fed with "
+            "model.input_spec = keras.InputSpec(shape=(None, ...)) (fully defined besides "
+            f"the batch axis). Received: input_spec={model.input_spec!r}"
+        )
+    if not getattr(model, "compiled", False):
+        raise UsageError(
+            f"--model {name!r} has its own train_step and must come compiled with its own "
+            "compile() arguments (its optimizers, its loss), which the benchmark cannot "
+            "choose for it. Received: an uncompiled model"
+        )
+
+
+# The compile configuration of a model with its own train_step: its builder compiles it
+# (its own compile() arguments), in every worker, within the worker's strategy scope.
+OWN_COMPILE = {"own_compile": True}
+
+
 def compile_config_of(model):
     """The serialized compile configuration every method is compiled with.
 
@@ -172,6 +219,8 @@ def compile_config_of(model):
     """
     import keras
 
+    if has_own_train_step(model):
+        return dict(OWN_COMPILE)
     if getattr(model, "compiled", False):
         try:
             config = model.get_compile_config()
@@ -234,6 +283,9 @@ def make_synthetic_data(model, loss_config, batch_size, num_batches, seed):
     class ids for sparse categorical losses, one-hot rows for categorical ones, 0/1 for
     binary ones, standard-normal floats otherwise.
 
+    A model with its own train_step gets uniform [0, 1) samples of its `input_spec`'s
+    shape and no targets (y is None).
+
     Returns:
         `(x, y)` with a leading axis of `num_batches` whole batches: arrays, or tuples
         of arrays for several inputs or outputs.
@@ -242,6 +294,10 @@ def make_synthetic_data(model, loss_config, batch_size, num_batches, seed):
 
     def batches(shape):
         return (num_batches, batch_size) + tuple(shape)
+
+    if has_own_train_step(model):
+        # Unlabelled samples in [0, 1) (a GAN's images): what such a step is fed.
+        return rng.random(batches(own_step_data_shape(model))).astype("float32"), None
 
     xs = []
     for tensor in model.inputs:

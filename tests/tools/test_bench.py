@@ -434,3 +434,22 @@ def test_kerasmgpu_command_lists_its_subcommands(capsys):
     status, _, err = run_cli([], capsys)
     assert status == 2
     assert "bench" in err and "predict-scaling" in err
+
+
+def test_a_model_with_its_own_train_step_is_fed_unlabelled_samples_of_its_input_spec():
+    from kerasmgpu.tools.cli import UsageError
+    from zoo import gan
+
+    name, builder = models.load_model_builder("zoo.gan:dcgan_32")
+    model = models.build_model(builder, name)
+    assert models.compile_config_of(model) == models.OWN_COMPILE
+    x, y = models.make_synthetic_data(model, None, batch_size=4, num_batches=2, seed=0)
+    assert x.shape == (2, 4, 32, 32, 3) and y is None and 0 <= x.min() and x.max() < 1
+    total, by_op = runner._sub_model_flops(model, flops)
+    assert by_op.pop("_models") == ["discriminator", "generator"] and total > 0
+    uncompiled = gan.dcgan(blocks=1)
+    with pytest.raises(UsageError, match="compiled with its own compile"):
+        models.build_model(lambda: uncompiled, "gan")
+    uncompiled.input_spec = None
+    with pytest.raises(UsageError, match="input_spec"):
+        models.build_model(lambda: uncompiled, "gan")

@@ -127,6 +127,18 @@ def run_benchmark(model=DEFAULT_MODEL, device_counts=(1, 2), cores_per_device=No
     bar = keras.utils.Progbar(total, unit_name="run") if progress else None
     with runner.new_workdir() as directory:
         model_info, weights = runner.reference_of(model, seed, directory)
+        if model_info["own_train_step"] and "keras-jax" in methods:
+            # keras.io's custom steps take gradients with tf.GradientTape: TensorFlow only.
+            methods = tuple(m for m in methods if m != "keras-jax")
+            skipped["keras-jax"] = (
+                "the model has its own train_step (TensorFlow's GradientTape), which the "
+                "JAX backend cannot run"
+            )
+            plan = runner.plan_contenders(device_counts, methods)
+        if model_info["own_train_step"] and "predict" in phases:
+            # A GAN has no call(): what it predicts is its own business (its generator).
+            phases = tuple(p for p in phases if p != "predict")
+            skipped["predict"] = "the model has its own train_step; only training is timed"
         spec = {
             "model": model, "weights": weights, "batch_size": batch_size, "seed": seed,
             "jit_compile": bool(jit_compile), "steps_per_execution": steps_per_execution,

@@ -339,10 +339,21 @@ def reference_of(model, seed, directory):
     weights = os.path.join(directory, "initial.weights.h5")
     reference.save_weights(weights)
     compile_config = models.compile_config_of(reference)
-    forward, by_op = flops_lib.forward_flops_per_sample(reference)
+    flops_method = flops_lib.FLOPS_METHOD
+    own_step = models.has_own_train_step(reference)
+    if own_step:
+        forward, by_op = _sub_model_flops(reference, flops_lib)
+        flops_method = (
+            "a model with its own train_step: the sum of its sub-models' forward FLOPs per "
+            "sample (" + ", ".join(by_op.pop("_models")) + "), each counted as below; a "
+            "step that calls a model several times does more (a lower bound). " + flops_method
+        )
+    else:
+        forward, by_op = flops_lib.forward_flops_per_sample(reference)
     info = {
         "name": name,
-        "parameters": int(reference.count_params()),
+        "own_train_step": own_step,
+        "parameters": int(sum(int(np.prod(v.shape)) for v in reference.weights)),
         "trainable_parameters": int(
             sum(int(np.prod(v.shape)) for v in reference.trainable_weights)
         ),
@@ -350,10 +361,30 @@ def reference_of(model, seed, directory):
         "forward_flops_per_sample": forward,
         "train_flops_per_sample": forward * flops_lib.TRAINING_FLOPS_FACTOR,
         "flops_by_op": by_op,
-        "flops_method": flops_lib.FLOPS_METHOD,
+        "flops_method": flops_method,
         "compile_config": compile_config,
     }
     return info, weights
+
+
+def _sub_model_flops(model, flops_lib):
+    """Forward FLOPs per sample summed over a model's outermost sub-models with inputs."""
+    from kerasmgpu import _compat
+
+    total, by_op, names = 0.0, {}, []
+    for layer in _compat.flatten_layers(model)[1:]:
+        if not hasattr(layer, "inputs") or not getattr(layer, "inputs", None):
+            continue
+        if any(layer in _compat.flatten_layers(other)[1:] for other in
+               _compat.flatten_layers(model)[1:] if other is not layer):
+            continue  # nested in another sub-model: counted with it
+        forward, ops = flops_lib.forward_flops_per_sample(layer)
+        total += forward
+        names.append(layer.name)
+        for op, flops in ops.items():
+            by_op[op] = by_op.get(op, 0.0) + flops
+    by_op["_models"] = names
+    return total, by_op
 
 
 def check_methods(methods):

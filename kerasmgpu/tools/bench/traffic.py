@@ -31,7 +31,8 @@ def measure_layouts(build_model, compile_arguments, devices, counts, x, y):
 
     Args:
         build_model: returns a fresh template with the benchmark's initial weights.
-        compile_arguments: returns fresh `compile()` keyword arguments.
+        compile_arguments: returns fresh `compile()` keyword arguments, or None for a
+            model with its own train_step that `build_model` returns compiled.
         devices: the devices of this process; N uses the first N.
         counts: device counts to measure.
         x, y: one global batch.
@@ -53,7 +54,12 @@ def measure_layouts(build_model, compile_arguments, devices, counts, x, y):
             )
         for layout in LAYOUTS:
             parallel = kerasmgpu.ParallelModel(build_model(), devices[:n], variables=layout)
-            parallel.compile(**dict(compile_arguments(), jit_compile=False))
+            if compile_arguments is None:
+                # A compiled model with its own train_step: the wrapper took its compile;
+                # one step first builds its optimizers (their set-up is not step traffic).
+                parallel.train_on_batch(x)
+            else:
+                parallel.compile(**dict(compile_arguments(), jit_compile=False))
             summary = traffic.summary(parallel, x, y)
             busiest = summary["devices"][summary["busiest_device"]]
             g, ring = summary["gradient_bytes"], summary["ring_bytes"]

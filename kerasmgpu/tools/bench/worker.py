@@ -80,6 +80,17 @@ def _tf_contender(spec, keras, model_builder):
             spec["compile_config"], spec["jit_compile"], spec["steps_per_execution"]
         )
 
+    own_compile = spec["compile_config"] == models.OWN_COMPILE
+
+    def compiled(model):
+        # A model with its own train_step comes compiled by its builder (its own compile
+        # arguments); only XLA is set, the same for every method.
+        if own_compile:
+            model.jit_compile = bool(spec["jit_compile"]) and model.jit_compile
+        else:
+            model.compile(**arguments())
+        return model
+
     if len(devices) < n:
         raise SystemExit(
             f"{spec['method']} on {n} devices: only {len(devices)} are visible "
@@ -88,25 +99,29 @@ def _tf_contender(spec, keras, model_builder):
     if spec["method"] == "mirrored":
         strategy = tf.distribute.MirroredStrategy(devices=devices)
         with strategy.scope():
-            model = template = model_builder()
-            model.compile(**arguments())
+            model = template = compiled(model_builder())
     elif spec["method"] == "kerasmgpu":
         template = model_builder()
+        if own_compile:
+            # Compiled, then wrapped: the wrapper takes the template's compile.
+            template = compiled(template)
         model = kerasmgpu.ParallelModel(
             template, devices=devices, variables=spec.get("variables", "auto")
         )
-        # The wrapper runs more than 1 device without XLA.
-        model.compile(**dict(arguments(), **({"jit_compile": False} if n > 1 else {})))
+        if not own_compile:
+            # The wrapper runs more than 1 device without XLA.
+            model.compile(**dict(arguments(), **({"jit_compile": False} if n > 1 else {})))
     else:
-        model = template = model_builder()
-        model.compile(**arguments())
+        model = template = compiled(model_builder())
     return model, template, devices
 
 
 def _tf_data(x, y, phase):
     import tensorflow as tf
 
-    slices = (x, y) if phase == "train" else (x,)
+    # Without targets (a model with its own train_step), batches of x alone, as keras.io
+    # feeds a GAN its images.
+    slices = x if y is None else (x, y) if phase == "train" else (x,)
     return tf.data.Dataset.from_tensor_slices(slices).repeat().prefetch(tf.data.AUTOTUNE)
 
 
@@ -212,9 +227,11 @@ def main(spec):
             from kerasmgpu.tools.bench import traffic
 
             first = tuple(a[0] for a in x) if isinstance(x, tuple) else x[0]
-            labels = tuple(a[0] for a in y) if isinstance(y, tuple) else y[0]
+            labels = None if y is None else tuple(a[0] for a in y) if isinstance(
+                y, tuple) else y[0]
             answer({"traffic": traffic.measure_layouts(
-                model_builder, lambda: models.fresh_compile_arguments(
+                model_builder, None if spec["compile_config"] == models.OWN_COMPILE
+                else lambda: models.fresh_compile_arguments(
                     spec["compile_config"], False, spec["steps_per_execution"]),
                 devices, command["traffic"], first, labels,
             )})

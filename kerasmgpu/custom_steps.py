@@ -1,0 +1,376 @@
+"""Custom training steps: a template's own train_step, test_step or predict_step, wrapped.
+
+Keras 2's `multi_gpu_model` never ran a training step per replica: it sliced the model's
+forward pass across devices and merged the outputs, and the step ran once. kerasmgpu does
+the same for a template whose class overrides `train_step`, `test_step` or
+`predict_step` (a GAN, a VAE, a contrastive model, keras.io's "Customizing what happens
+in fit()"): the user's step runs once, on the global batch, and every model call inside
+it — `self(x)`, `self.generator(z)`, `self.discriminator(x)`, `self.encoder(x)` — is a
+*sliced call*:
+
+1. the call's inputs are cut into the replicas' contiguous slices on the host;
+2. replica i runs the model's forward pass on its slice on device i, statelessly (state
+   updates returned; random seeds offset by i, as in the standard step);
+3. the outputs are concatenated on the merge device, so the step sees the call's
+   whole-batch result; non-trainable state (BatchNormalization moving statistics) gets one
+   share-weighted update;
+4. the backward pass of replica i runs on device i too: each replica's forward is a
+   `tf.custom_gradient` whose gradient function runs the replica's backward under
+   `tf.device`. It reuses the forward's own tape (no recomputation) unless a recording
+   tape differentiates the gradient itself — WGAN-GP's gradient penalty, a gradient of a
+   gradient — in which case it recomputes the forward under that tape, so second-order
+   gradients flow through the forward pass as on one device.
+
+Losses, noise the step draws (`keras.random.normal(seed=self.seed_generator)`), metric
+updates and every `optimizer.apply` happen once, exactly as on one device: a GAN's
+generator step reads the discriminator its discriminator step just updated, and training
+equals one device up to float rounding. Only the outermost call is sliced: a model called
+inside a sliced call (an encoder inside a VAE's `call`) runs as part of its replica's
+forward pass.
+
+With `variables="replicated"`, replica i's forward pass reads its own copy of the
+weights, and every copy a step's `optimizer.apply` changed is refreshed from the template
+right after that apply, so the copies stay identical to the template after each apply.
+The gradients are still taken with respect to the template's weights (the user's tape
+asks for those) and summed by TensorFlow's gradient aggregation.
+"""
+
+import contextlib
+import threading
+
+import keras
+import tensorflow as tf
+from keras import tree
+
+from kerasmgpu import _compat, slicing, trainer
+from kerasmgpu import devices as devices_lib
+
+STEPS = ("train_step", "test_step", "predict_step")
+
+
+def overridden_steps(model):
+    """The step methods among train_step/test_step/predict_step that `model`'s class overrides."""
+    return [step for step in STEPS if getattr(type(model), step) is not getattr(keras.Model, step)]
+
+
+def overrides_compile(model):
+    """Whether `model`'s class has its own `compile` (a GAN's `compile(d_optimizer=...)`)."""
+    return type(model).compile is not keras.Model.compile
+
+
+def check_built(model):
+    """Refuse a custom-step model whose variables do not all exist yet.
+
+    Keras never marks a model built when it has no `call()` (a keras.io GAN or VAE is a
+    container of sub-models its step calls); such a model is ready to wrap as soon as the
+    sub-models are. Raises a ValueError naming the first unbuilt sub-model.
+    """
+    if model.built:
+        return
+    parts = [layer for layer in _compat.flatten_layers(model)[1:]]
+    unbuilt = [layer for layer in parts if not layer.built]
+    if unbuilt or not parts:
+        what = (
+            f"its sub-model or layer {unbuilt[0].name!r} is not built" if unbuilt
+            else "it has no sub-models or layers yet"
+        )
+        raise ValueError(
+            f"The model {model.name!r} is not built and {what}: its variables do not exist "
+            "yet. A model with its own train_step is wrapped once the models its step calls "
+            "are built (give each a keras.Input, call build(input_shape), or call it on a "
+            f"batch). Received: a {type(model).__name__} with built=False"
+        )
+
+
+def find_optimizers(model, *others):
+    """`others` and every distinct optimizer `model` holds (a GAN's d_ and g_optimizer)."""
+    found = []
+    candidates = list(others) + [getattr(model, "optimizer", None)] + list(vars(model).values())
+    for candidate in candidates:
+        if isinstance(candidate, keras.optimizers.Optimizer) and all(
+            candidate is not seen for seen in found
+        ):
+            found.append(candidate)
+    return found
+
+
+class SlicedCalls:
+    """While active, every outermost call of the template's models runs sliced across devices.
+
+    Args:
+        template: the wrapped model, whose step runs.
+        devices: the replica devices, in replica order.
+        merge_device: where the slices' outputs are concatenated.
+        comm: the communication strategy (its `replica_variables` gives replica i's copy).
+        seed_offset: the first replica's offset of random seed states (0 on one machine).
+
+    Example (inside `ParallelModel.train_step`):
+
+    ```python
+    with SlicedCalls(template, devices, "/cpu:0", comm).active(optimizers):
+        logs = template.train_step(data)
+    ```
+    """
+
+    def __init__(self, template, devices, merge_device, comm, seed_offset=0):
+        self.template = template
+        self.devices = list(devices)
+        self.merge_device = merge_device
+        self.comm = comm
+        self.seed_offset = seed_offset
+        self._local = threading.local()
+
+    # ------------------------------------------------------------ interception
+    @property
+    def _depth(self):
+        return getattr(self._local, "depth", 0)
+
+    @contextlib.contextmanager
+    def _inside_replica(self):
+        """Model calls made in here are part of a replica's forward pass: not sliced."""
+        self._local.depth = self._depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+    @contextlib.contextmanager
+    def active(self, optimizers=(), copies=True):
+        """Slice the template's model calls (and refresh replica copies after each apply).
+
+        Args:
+            optimizers: the optimizers the step may apply (replicated layout: each apply
+                is followed by a refresh of the copies it changed).
+            copies: whether replicas read their own copies of the weights (a training
+                step, replicated layout); otherwise every replica reads the template's.
+        """
+        patched, wrapped_optimizers = [], []
+        self._use_copies = copies
+        try:
+            for model in _callable_models(self.template):
+                if "call" in vars(model):
+                    continue  # someone else (a distillation teacher) already places it
+                model.call = self._intercept(model, model.call)
+                patched.append(model)
+            if self._copies() is not None:
+                for optimizer in optimizers:
+                    optimizer.apply = self._refreshing_apply(optimizer, optimizer.apply)
+                    wrapped_optimizers.append(optimizer)
+            yield
+        finally:
+            for model in patched:
+                del model.call
+            for optimizer in wrapped_optimizers:
+                del optimizer.apply
+
+    def _intercept(self, model, original):
+        def sliced_call(*args, **kwargs):
+            if self._depth or not args:
+                return original(*args, **kwargs)
+            return self.call(model, args[0], args[1:], kwargs)
+
+        return sliced_call
+
+    # --------------------------------------------------------------- the call
+    def call(self, model, inputs, args, kwargs):
+        """`model(inputs, *args, **kwargs)` on the global batch, run slice by slice."""
+        if "training" not in kwargs and not args:
+            # The mode Keras resolved for this call, so that its slices (and their
+            # recomputation for a second derivative, outside this call) run in it too.
+            training = _compat.call_context_training()
+            if training is not None:
+                kwargs = {**kwargs, "training": training}
+        training = bool(kwargs.get("training", False))
+        static = slicing.static_batch_size(inputs)
+        count = len(self.devices) if static is None else max(1, min(len(self.devices), static))
+        with tf.device(devices_lib.host_device()), tf.name_scope("slice_call"):
+            size = slicing.batch_size_of(inputs)
+            bounds = [None] if count == 1 else slicing.slice_bounds(size, count)
+            parts = [inputs if rows is None else slicing.rows_of(inputs, *rows)
+                     for rows in bounds]
+        trainable = list(model.trainable_variables)
+        state = list(model.non_trainable_variables)
+        values = [tf.convert_to_tensor(v.value) for v in trainable]
+        copies = self._copies()
+        replicas = []
+        for i, part in enumerate(parts):
+            with tf.device(self.devices[i]), tf.name_scope(f"replica_{i}"):
+                state_in = [tf.convert_to_tensor(v.value) for v in state]
+                if training:
+                    state_in = trainer.offset_seeds(state, state_in, self.seed_offset + i)
+                local = None
+                if copies is not None and i > 0:
+                    local = [
+                        tf.convert_to_tensor(copies[i].get(id(v), v).value) for v in trainable
+                    ]
+                replica = _Replica(self, model, i, args, kwargs, trainable, state)
+                replica.run(part, values, local, state_in)
+            replicas.append(replica)
+        with tf.device(self.merge_device), tf.name_scope("merge_call"):
+            outputs = slicing.merge_structures([r.outputs for r in replicas])
+        if training and state:
+            self._update_state(state, replicas, size)
+        return outputs
+
+    def _update_state(self, state, replicas, size):
+        shares = trainer.batch_shares([r.size for r in replicas], size)
+        combined = trainer.combine_state(
+            state, [r.state_in for r in replicas], [r.state_out for r in replicas], shares
+        )
+        for variable, value in zip(state, combined):
+            if value is not None:
+                variable.assign(value)
+
+    # ------------------------------------------------------ replicated copies
+    def _copies(self):
+        """Per replica, {id(template variable): that replica's copy}, or None (one copy)."""
+        if (not getattr(self, "_use_copies", False)
+                or getattr(self.comm, "name", "central") != "replicated"
+                or not self.comm.built):
+            return None
+        trainable = self.template.trainable_variables
+        return [
+            {id(v): c for v, c in zip(trainable, self.comm.replica_variables(i, trainable))}
+            for i in range(len(self.devices))
+        ]
+
+    def _refreshing_apply(self, optimizer, original):
+        def apply(grads, trainable_variables=None):
+            result = original(grads, trainable_variables)
+            applied = trainable_variables
+            if applied is None:
+                applied = _compat.optimizer_variables(optimizer)
+            self._refresh(list(applied))
+            return result
+
+        return apply
+
+    def _refresh(self, variables):
+        """Copy the just-updated template variables to every other replica's copy."""
+        copies = self._copies()
+        for i in range(1, len(self.devices)):
+            with tf.device(self.devices[i]), tf.name_scope(f"replica_{i}_refresh"):
+                for variable in variables:
+                    copy = copies[i].get(id(variable))
+                    if copy is not None and copy is not variable:
+                        copy.assign(variable.value)
+
+
+class _Replica:
+    """One replica's part of a sliced call: its forward pass and its backward function."""
+
+    def __init__(self, calls, model, index, args, kwargs, trainable, state):
+        self.calls = calls
+        self.model = model
+        self.index = index
+        self.device = calls.devices[index]
+        self.args, self.kwargs = args, kwargs
+        self.trainable, self.state = trainable, state
+
+    def forward(self, inputs, values, state_in):
+        """The model on this slice, with `values` for its weights; (outputs, state after)."""
+        mapping = list(zip(self.trainable, values)) + list(zip(self.state, state_in))
+        with keras.StatelessScope(state_mapping=mapping) as scope, self.calls._inside_replica():
+            outputs = self.model(inputs, *self.args, **self.kwargs)
+        state_out = [
+            given if scope.get_current_value(v) is None else scope.get_current_value(v)
+            for v, given in zip(self.state, state_in)
+        ]
+        return outputs, state_out
+
+    def run(self, part, values, local_values, state_in):
+        """Run the forward pass (on this device) as one differentiable operation.
+
+        `values` are the template's weights (what the step differentiates); `local_values`
+        this replica's copy of them, read instead when given (replicated layout).
+        """
+        self.size = slicing.batch_size_of(part)
+        self.state_in = state_in
+        flat_inputs = tree.flatten(part)
+        structure = part
+        counts = (len(flat_inputs), len(values), len(local_values or []))
+        replica = self
+
+        @tf.custom_gradient
+        def tower(*tensors):
+            inputs = list(tensors[: counts[0]])
+            weights = list(tensors[counts[0]: counts[0] + counts[1]])
+            local = list(tensors[counts[0] + counts[1]: sum(counts)]) or weights
+            given_state = list(tensors[sum(counts):])
+            sources = inputs + local
+            differentiable = [_floating(t) for t in sources]
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                tape.watch([t for t, d in zip(sources, differentiable) if d])
+                outputs, state_out = replica.forward(
+                    tree.pack_sequence_as(structure, inputs), local, given_state
+                )
+            leaves, logits = _outputs_with_logits(outputs)
+            replica.structure = outputs
+            replica.state_out = state_out
+            replica.has_logits = [t is not None for t in logits]
+            produced = leaves + [t for t in logits if t is not None]
+
+            def backward(*upstream):
+                with tf.device(replica.device), tf.name_scope(f"replica_{replica.index}_backward"):
+                    pairs = [(t, g) for t, g in zip(produced, upstream) if g is not None]
+                    if not pairs:
+                        return [None] * len(tensors)
+                    if _compat.recorded_by_outer_tape(list(tensors) + list(upstream)):
+                        # Something differentiates this gradient (a gradient penalty):
+                        # recompute the forward pass under the recording tapes, reading
+                        # the template's weights, so the second derivative is exact.
+                        grads = replica.recomputed_gradients(
+                            structure, inputs, weights, given_state, upstream
+                        )
+                    else:
+                        grads = tape.gradient(
+                            [t for t, _ in pairs], sources,
+                            output_gradients=[g for _, g in pairs],
+                        )
+                    grads = [g if d else None for g, d in zip(grads, differentiable)]
+                input_grads = grads[: counts[0]]
+                weight_grads = grads[counts[0]:]
+                # The local copy's gradient is the template weights' (they are equal).
+                return (input_grads + weight_grads + [None] * counts[2]
+                        + [None] * len(given_state))
+
+            return produced, backward
+
+        tensors = flat_inputs + list(values) + list(local_values or []) + list(state_in)
+        produced = tower(*tensors)
+        leaves_count = len(tree.flatten(self.structure))
+        leaves, extra = list(produced[:leaves_count]), iter(produced[leaves_count:])
+        for leaf, has in zip(leaves, self.has_logits):
+            if has:
+                _compat.set_keras_logits(leaf, next(extra))
+        self.outputs = tree.pack_sequence_as(self.structure, leaves)
+
+    def recomputed_gradients(self, structure, inputs, weights, state_in, upstream):
+        sources = inputs + weights
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([t for t in sources if _floating(t)])
+            outputs, _ = self.forward(tree.pack_sequence_as(structure, inputs), weights, state_in)
+        leaves, logits = _outputs_with_logits(outputs)
+        produced = leaves + [t for t in logits if t is not None]
+        pairs = [(t, g) for t, g in zip(produced, upstream) if g is not None]
+        return tape.gradient(
+            [t for t, _ in pairs], sources, output_gradients=[g for _, g in pairs]
+        )
+
+
+def _floating(tensor):
+    return tensor.dtype.is_floating or tensor.dtype.is_complex
+
+
+def _outputs_with_logits(outputs):
+    """The output leaves and, for each, the logits a Keras loss would read (or None)."""
+    leaves = tree.flatten(outputs)
+    return leaves, [slicing.logits_of(leaf) for leaf in leaves]
+
+
+def _callable_models(template):
+    """The template and every model nested in it: what a step may call."""
+    return [
+        layer for layer in _compat.flatten_layers(template)
+        if isinstance(layer, keras.Model)
+    ]

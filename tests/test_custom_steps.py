@@ -1,0 +1,290 @@
+"""Templates with their own train_step/test_step/predict_step train wrapped, exactly.
+
+Each case trains one model with plain Keras on one device and an identical one wrapped
+on N = 2 and 3 devices, with 39 samples in batches of 13 (three steps; 13 divides by
+neither N), and compares weights, fit's History and evaluate/predict results.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasmgpu
+from tests import custom_step_models as models
+
+RNG = np.random.default_rng(7)
+X = RNG.normal(size=(39, 6)).astype("float32")
+Y = (X[:, :1] * 0.5 + 0.1).astype("float32")
+IMAGES = RNG.random((39, 8, 8, 1)).astype("float32")
+SIGNALS = RNG.random((39, 8, 1)).astype("float32")
+BATCH = 13
+TOLERANCE = 1e-5
+
+
+def _weights_difference(a, b):
+    """The largest weight difference, relative to the weight's scale when above 1."""
+    return max(
+        float(np.max(np.abs(x - y)) / max(1.0, np.max(np.abs(x)))) if np.size(x) else 0.0
+        for x, y in zip(a.get_weights(), b.get_weights())
+    )
+
+
+def small_dcgan():
+    return models.dcgan(blocks=1)
+
+
+def _history_difference(a, b):
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    return max(float(np.max(np.abs(np.subtract(a[k], b[k])))) for k in a)
+
+
+def _fit_pair(make, compile_model, data, n, epochs=1, wrap_first=True, variables="central"):
+    """Train make() on one device and make() wrapped on n devices; return both and histories."""
+    reference, template = make(), make()
+    template.set_weights(reference.get_weights())
+    compile_model(reference)
+    if wrap_first:
+        parallel = kerasmgpu.multi_gpu_model(template, gpus=n, variables=variables)
+        compile_model(parallel)
+    else:
+        compile_model(template)
+        parallel = kerasmgpu.multi_gpu_model(template, gpus=n, variables=variables)
+    histories = [
+        model.fit(*data, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0).history
+        for model in (reference, parallel)
+    ]
+    return reference, template, parallel, histories
+
+
+def _built(cls):
+    def make():
+        keras.utils.set_random_seed(11)
+        model = cls()
+        model(X[:2])
+        return model
+    return make
+
+
+def _compile_regression(model):
+    model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+
+
+def _compile_own_trackers(model):
+    model.compile(keras.optimizers.Adam(0.01))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("cls, compile_model", [
+    (models.BasicTrainStep, _compile_regression),
+    (models.OwnTrackers, _compile_own_trackers),
+], ids=["basic", "own-trackers"])
+def test_customizing_fit_models_train_as_on_one_device(cls, compile_model, n):
+    reference, template, _, (expected, got) = _fit_pair(_built(cls), compile_model, (X, Y), n)
+    assert _weights_difference(reference, template) <= TOLERANCE
+    assert _history_difference(expected, got) <= TOLERANCE
+    assert "mae" in got
+
+
+def test_run_eagerly_trains_as_on_one_device():
+    def compile_model(model):
+        model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"],
+                      run_eagerly=True)
+
+    reference, template, parallel, (expected, got) = _fit_pair(
+        _built(models.BasicTrainStep), compile_model, (X, Y), 2
+    )
+    assert parallel.run_eagerly
+    assert _weights_difference(reference, template) <= TOLERANCE
+    assert _history_difference(expected, got) <= TOLERANCE
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_custom_test_step_evaluates_as_on_one_device(n):
+    reference, template, parallel, _ = _fit_pair(
+        _built(models.OwnTestStep), _compile_regression, (X, Y), n
+    )
+    expected = reference.evaluate(X, Y, batch_size=BATCH, return_dict=True, verbose=0)
+    got = parallel.evaluate(X, Y, batch_size=BATCH, return_dict=True, verbose=0)
+    assert set(expected) == set(got)
+    for key in expected:
+        assert abs(expected[key] - got[key]) <= TOLERANCE, key
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_predict_step_override_predicts_as_on_one_device(n):
+    make = _built(models.OwnPredictStep)
+    reference, template = make(), make()
+    template.set_weights(reference.get_weights())
+    parallel = kerasmgpu.multi_gpu_model(template, gpus=n)
+    expected = reference.predict(X, batch_size=BATCH, verbose=0)
+    got = parallel.predict(X, batch_size=BATCH, verbose=0)
+    assert set(expected) == set(got) == {"score", "centred"}
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=TOLERANCE)
+
+
+def test_dcgan_compiled_then_wrapped_trains_as_on_one_device():
+    # N = 2, wrapped then compiled: the replicated-layout test below.
+    reference, template, _, (expected, got) = _fit_pair(
+        small_dcgan, models.compile_gan, (IMAGES,), 3, wrap_first=False
+    )
+    assert set(got) == {"d_loss", "g_loss"}
+    assert _history_difference(expected, got) <= TOLERANCE
+    assert _weights_difference(reference, template) <= TOLERANCE
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_wgan_gp_gradient_penalty_trains_as_on_one_device(n):
+    def compile_model(model):
+        model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+
+    reference, template, _, (expected, got) = _fit_pair(
+        models.wgan_gp, compile_model, (X,), n
+    )
+    assert _weights_difference(reference, template) <= 1e-4
+    assert _history_difference(expected, got) <= 1e-4
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_vae_trains_as_on_one_device_with_noise_drawn_in_the_step(n):
+    reference, template, _, (expected, got) = _fit_pair(
+        models.vae, lambda m: m.compile(keras.optimizers.Adam(1e-2)), (SIGNALS,), n
+    )
+    assert set(got) == {"total_loss", "reconstruction_loss", "kl_loss"}
+    assert _history_difference(expected, got) <= TOLERANCE
+    assert _weights_difference(reference, template) <= TOLERANCE
+
+
+def test_vae_with_a_sampling_layer_trains_with_per_replica_noise():
+    # The Sampling layer draws inside the encoder: each replica from its own seeds, so
+    # the noise (and the weights) differ from one device's; training still works.
+    make = lambda: models.vae(noise_in_step=False)  # noqa: E731
+    template = make()
+    before = template.get_weights()
+    parallel = kerasmgpu.multi_gpu_model(template, gpus=2)
+    parallel.compile(keras.optimizers.Adam(1e-2))
+    history = parallel.fit(SIGNALS, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    losses = history.history["total_loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert _weights_difference_lists(before, template.get_weights()) > 0
+
+
+def _weights_difference_lists(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_simsiam_two_views_train_as_on_one_device(n):
+    reference, template, _, (expected, got) = _fit_pair(
+        models.simsiam, lambda m: m.compile(keras.optimizers.SGD(0.05)), (X,), n
+    )
+    assert _history_difference(expected, got) <= TOLERANCE
+    assert _weights_difference(reference, template) <= TOLERANCE
+
+
+def test_replicated_copies_stay_equal_to_the_template_after_every_apply():
+    reference, template, parallel, (expected, got) = _fit_pair(
+        small_dcgan, models.compile_gan, (IMAGES,), 2, variables="replicated"
+    )
+    assert parallel.variables_layout == "replicated"
+    assert _history_difference(expected, got) <= TOLERANCE
+    assert _weights_difference(reference, template) <= TOLERANCE
+    for copy in parallel.comm.copies()[1:]:
+        for mirror, variable in zip(copy, template.trainable_variables):
+            np.testing.assert_array_equal(np.asarray(mirror), np.asarray(variable))
+
+
+# ------------------------------------------------------------------ placement
+def _traced_gan_step(gpus, variables="central"):
+    gan = small_dcgan()
+    parallel = kerasmgpu.multi_gpu_model(gan, gpus=gpus, variables=variables)
+    models.compile_gan(parallel)
+    parallel.optimizer.build(parallel.trainable_variables)
+    parallel.make_train_function()  # builds replica copies (replicated)
+    for optimizer in (gan.d_optimizer, gan.g_optimizer):
+        optimizer.build(gan.trainable_variables)
+    signature = tf.TensorSpec((None, 8, 8, 1), tf.float32)
+    return gan, tf.function(parallel.train_step).get_concrete_function(signature)
+
+
+def _nodes(concrete):
+    graph_def = concrete.graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    return nodes
+
+
+def _device(node):
+    return node.device.split("device:")[-1] if node.device else "(unplaced)"
+
+
+def test_each_sliced_call_runs_forward_and_backward_on_every_replica_device():
+    _, concrete = _traced_gan_step([1, 3])
+    nodes = _nodes(concrete)
+    for i, device in enumerate(["CPU:1", "CPU:3"]):
+        replica = [n for n in nodes if f"/replica_{i}/" in n.name]
+        # Forward: the discriminator's and the generator's convolutions.
+        forward = {(n.name.split("/")[0].rstrip("_0123456789"), _device(n)) for n in replica
+                   if n.op == "Conv2D" and "gradient_tape" not in n.name}
+        assert forward == {("discriminator", device), ("generator", device)}, forward
+        # Backward: the gradient tape's convolution gradients, both models.
+        backward = {(n.op, _device(n)) for n in replica if "gradient_tape" in n.name
+                    and n.op in ("Conv2DBackpropFilter", "Conv2DBackpropInput")}
+        assert backward == {("Conv2DBackpropFilter", device),
+                            ("Conv2DBackpropInput", device)}, backward
+
+
+def test_no_template_variable_gets_a_second_copy():
+    # The step reads exactly the variables one device's step reads (central), plus one
+    # copy per extra replica (replicated), and nothing else.
+    one_device = small_dcgan()
+    models.compile_gan(one_device)
+    for optimizer in (one_device.d_optimizer, one_device.g_optimizer):
+        optimizer.build(one_device.trainable_variables)
+    signature = tf.TensorSpec((None, 8, 8, 1), tf.float32)
+    expected = len(tf.function(one_device.train_step).get_concrete_function(
+        signature).graph.variables)
+    gan, concrete = _traced_gan_step(2, "central")
+    assert len(concrete.graph.variables) == expected
+    gan, concrete = _traced_gan_step(2, "replicated")
+    assert len(concrete.graph.variables) == expected + len(gan.trainable_variables)
+
+
+# ----------------------------------------------------------- clear refusals
+class FunctionalTrainStep(keras.Model):
+    """A functional model (Model(inputs, outputs) subclass) with its own train_step."""
+
+    def train_step(self, data):
+        return super().train_step(data)
+
+
+def test_split_model_refuses_a_template_overriding_a_step_naming_it():
+    from kerasmgpu.split import split_model
+
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(4)(inputs)
+    model = FunctionalTrainStep(inputs, keras.layers.Dense(1)(hidden))
+    with pytest.raises(ValueError, match=r"overrides train_step\(\).*multi_gpu_model"):
+        split_model(model, devices=2)
+
+
+def test_unbuilt_sub_model_is_named_at_wrap_time():
+    generator = keras.Sequential([keras.layers.Dense(4)], name="unbuilt_generator")
+    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    gan = models.GAN(discriminator, generator, latent_dim=3)
+    with pytest.raises(ValueError, match="'unbuilt_generator' is not built"):
+        kerasmgpu.multi_gpu_model(gan, gpus=2)
+
+
+def test_options_a_custom_step_cannot_run_are_refused_at_wrap_time():
+    with pytest.raises(ValueError, match="sync_period=1.*Received: sync_period=2"):
+        kerasmgpu.multi_gpu_model(small_dcgan(), gpus=2, variables="replicated",
+                                  sync_period=2)
+    generator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                                  keras.layers.BatchNormalization(name="bn")])
+    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    gan = models.GAN(discriminator, generator, latent_dim=3)
+    with pytest.raises(ValueError, match="synchronized BatchNormalization layers \\('bn'\\)"):
+        kerasmgpu.multi_gpu_model(gan, gpus=2, sync_batchnorm=True)
