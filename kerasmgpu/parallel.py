@@ -41,6 +41,7 @@ import tensorflow as tf
 from keras import tree
 
 from kerasmgpu import _compat, batchnorm, comm, distill, slicing, trainer
+from kerasmgpu import tower as tower_lib
 from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
 
@@ -110,6 +111,8 @@ class ParallelModel(trainer.TemplateTrainer):
             self._workers,
         )
         self._teacher = distill.find_teacher(template, teacher_device)
+        self._programs = {}  # (training, jit_compile) -> tower.ReplicaProgram
+        self._replica_jit_compile = False
 
     # ----------------------------------------------------------------- properties
     @property
@@ -259,16 +262,29 @@ class ParallelModel(trainer.TemplateTrainer):
         first_replica = self._workers.worker_index * len(self._replica_devices)
         # Synchronized BatchNormalization: statistics summed over the replicas (and workers).
         group = self._batchnorm.step(self._replica_devices[:num_replicas], training)
+        program = self._replica_program(training)
+        # Collectives keyed and placed per replica cannot be shared: traced per replica.
+        run = program.run_inline if group.synchronizes else program
         towers = []
         for i, (part, rows) in enumerate(zip(parts, bounds)):
             tower = _Tower(self._replica_devices[i], part, rows)
             with tf.device(tower.device), tf.name_scope(f"replica_{i}"), group.replica(i):
                 variables = self._comm.replica_variables(
                     i, self.template.trainable_variables) if training else None
-                tower.run(self.template, training, seed_offset=first_replica + i,
+                tower.run(run, self.template, training, seed_offset=first_replica + i,
                           variables=variables)
             towers.append(tower)
         return towers
+
+    def _replica_program(self, training):
+        """The one program every replica runs (`kerasmgpu.tower`), made once per mode."""
+        jit_compile = bool(self._replica_jit_compile)
+        key = (bool(training), jit_compile)
+        if key not in self._programs:
+            self._programs[key] = tower_lib.ReplicaProgram(
+                self.template, training, jit_compile=jit_compile
+            )
+        return self._programs[key]
 
     def _merged_outputs(self, towers, global_size):
         """The replicas' outputs (and, on a cluster, every worker's) in batch order."""
@@ -330,11 +346,10 @@ class ParallelModel(trainer.TemplateTrainer):
 
     def _backward_towers(self, towers):
         """Each replica's gradients, through its own tape, on its own device."""
-        trainable = self.template.trainable_variables
         gradients = []
         for i, tower in enumerate(towers):
             with tf.device(tower.device), tf.name_scope(f"replica_{i}_backward"):
-                gradients.append(tower.gradients(self._comm.replica_variables(i, trainable)))
+                gradients.append(tower.gradients())
         return gradients
 
     def _combine_state(self, towers, shares):
@@ -385,34 +400,29 @@ class _Tower:
         self.tape = None
         self.targets, self.output_gradients = [], []
 
-    def run(self, template, training, seed_offset, variables=None):
+    def run(self, program, template, training, seed_offset, variables=None):
         """The template's forward pass on this slice, statelessly, as `fit` calls it.
 
-        `variables`: the trainable variables this replica reads instead of the
-        template's (its copy, with replicated variables).
+        `program`: the replica program (`kerasmgpu.tower.ReplicaProgram`, or its
+        `run_inline`). `variables`: the trainable variables this replica reads instead
+        of the template's (its copy, with replicated variables).
         """
         non_trainable = template.non_trainable_variables
         values = [tf.convert_to_tensor(v) for v in non_trainable]
         self.state_in = trainer.offset_seeds(non_trainable, values, seed_offset) if (
             training) else values
-        # Trainable variables are read as they are (on this device); the state is given.
-        mapping = list(zip(non_trainable, self.state_in))
-        trainable = template.trainable_variables
-        if variables is not None and any(a is not b for a, b in zip(variables, trainable)):
-            mapping += list(zip(trainable, variables))
+        variables = template.trainable_variables if variables is None else variables
+        # Read here (on this device, or where a variable lives) and passed in: the
+        # program is the same for every replica, and so is its backward pass.
+        self.trainable_values = [tf.convert_to_tensor(v) for v in variables]
         if training:
-            self.tape = tf.GradientTape()
+            self.tape = tf.GradientTape(watch_accessed_variables=False)
             self.tape.__enter__()
+            self.tape.watch(self.trainable_values)
         try:
-            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-                # Through __call__, as fit calls a model: `training` goes to the layers
-                # whose call takes it (and only there), masks propagate.
-                self.outputs = template(self.inputs, training=training)
-                self.added_losses = list(scope.losses)
-            self.state_out = [
-                given if scope.get_current_value(v) is None else scope.get_current_value(v)
-                for v, given in zip(non_trainable, self.state_in)
-            ]
+            self.outputs, self.state_out, self.added_losses = program(
+                self.inputs, self.trainable_values, self.state_in
+            )
         finally:
             if self.tape is not None:
                 self.tape.__exit__(None, None, None)
@@ -424,11 +434,12 @@ class _Tower:
                 self.targets.append(tensor)
                 self.output_gradients.append(gradient)
 
-    def gradients(self, variables):
+    def gradients(self):
+        """The gradients of this replica's trainable variables (its copies), or None each."""
         if not self.targets:
-            return [None] * len(variables)
+            return [None] * len(self.trainable_values)
         return self.tape.gradient(
-            self.targets, variables, output_gradients=self.output_gradients
+            self.targets, self.trainable_values, output_gradients=self.output_gradients
         )
 
 
