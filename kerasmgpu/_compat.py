@@ -30,6 +30,8 @@ TensorFlow 2.21). When an upgrade breaks one, this is the file to fix.
   cross-device transfer (`measure_traffic`); TF2 has no public run-metadata API.
 - `FuncGraph._functions`, `is_control_flow_graph`, `outer_graph`: the graphs nested in a
   step, and the step around a branch (collective keys that match across branches).
+- `keras.src.trainers.trainer.model_supports_jit`: resolve `jit_compile="auto"` for each
+  replica's program as Keras resolves it for one device.
 - `Dataset._as_serialized_graph`, `_AutoShardDataset`: which ops a tf.data pipeline runs,
   and tf.data's FILE auto-shard rewrite (`kerasmgpu.cluster.shard`).
 """
@@ -259,3 +261,13 @@ def call_compute_loss(model, x, y, y_pred, sample_weight, training):
     return model._compute_loss(
         x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
     )
+
+
+def model_supports_jit(model):
+    """Whether Keras would compile `model` with XLA (its layers' `supports_jit`, TF's
+    op determinism, the platform)."""
+    # private: keras.src.trainers.trainer.model_supports_jit is the test behind Keras'
+    # own jit_compile="auto"; resolving "auto" per device must answer as Keras does.
+    from keras.src.trainers.trainer import model_supports_jit as supports
+
+    return supports(model)

@@ -112,7 +112,6 @@ class ParallelModel(trainer.TemplateTrainer):
         )
         self._teacher = distill.find_teacher(template, teacher_device)
         self._programs = {}  # (training, jit_compile) -> tower.ReplicaProgram
-        self._replica_jit_compile = False
 
     # ----------------------------------------------------------------- properties
     @property
@@ -140,8 +139,50 @@ class ParallelModel(trainer.TemplateTrainer):
         """Where outputs are concatenated and the loss is computed."""
         return devices_lib.host_device() if self.cpu_merge else self._replica_devices[0]
 
+    @property
+    def replica_jit_compile(self):
+        """Whether XLA compiles each replica's program for its device (set by `compile`).
+
+        With one device, `jit_compile` (the whole step, as in Keras) says it instead.
+        """
+        return self._per_device_jit
+
     def _device_count(self):
         return len(self._replica_devices)
+
+    def _resolve_per_device_jit(self, jit_compile, run_eagerly):
+        """XLA for each replica's program: True, False, or "auto" as Keras resolves it
+        for one device of the replicas' kind (XLA on GPUs for a model whose layers
+        support it; not on CPUs). The merge, loss, all-reduce and update stay outside."""
+        if run_eagerly:
+            if jit_compile is True:
+                warnings.warn(
+                    "If `run_eagerly` is True, then `jit_compile` cannot also be True. "
+                    "Disabling `jit_compile`.", stacklevel=3,
+                )
+            return False
+        synchronized = [layer.name for layer in self._batchnorm.layers]
+        if jit_compile == "auto":
+            kinds = {tf.DeviceSpec.from_string(d).device_type for d in self._replica_devices}
+            return (
+                kinds == {"GPU"} and not synchronized
+                and _compat.model_supports_jit(self.template)
+            )
+        if jit_compile and synchronized:
+            raise ValueError(
+                "jit_compile=True cannot compile the replicas of a model with synchronized "
+                "BatchNormalization: their statistics are summed by collectives between the "
+                "replicas, which XLA does not compile on one device. Use jit_compile=False "
+                f"(or 'auto'). Received: jit_compile=True with synchronized layers {synchronized}"
+            )
+        if jit_compile and not _compat.model_supports_jit(self.template):
+            # As Keras does for one device.
+            warnings.warn(
+                "Model doesn't support `jit_compile=True`. Proceeding with "
+                "`jit_compile=False`.", stacklevel=3,
+            )
+            return False
+        return bool(jit_compile)
 
     def _loss_scope(self, tape=None):
         if self._teacher is None:
@@ -262,7 +303,7 @@ class ParallelModel(trainer.TemplateTrainer):
         first_replica = self._workers.worker_index * len(self._replica_devices)
         # Synchronized BatchNormalization: statistics summed over the replicas (and workers).
         group = self._batchnorm.step(self._replica_devices[:num_replicas], training)
-        program = self._replica_program(training)
+        program = self.replica_program(training)
         # Collectives keyed and placed per replica cannot be shared: traced per replica.
         run = program.run_inline if group.synchronizes else program
         towers = []
@@ -276,13 +317,19 @@ class ParallelModel(trainer.TemplateTrainer):
             towers.append(tower)
         return towers
 
-    def _replica_program(self, training):
-        """The one program every replica runs (`kerasmgpu.tower`), made once per mode."""
-        jit_compile = bool(self._replica_jit_compile)
+    def replica_program(self, training):
+        """The program every replica runs (a `kerasmgpu.tower.ReplicaProgram`).
+
+        One per mode (training or inference) and XLA setting, made on first use; a step
+        calls it once per replica, under the replica's device. A custom step can call it
+        the same way on its own slices.
+        """
+        jit_compile = self._per_device_jit
         key = (bool(training), jit_compile)
         if key not in self._programs:
             self._programs[key] = tower_lib.ReplicaProgram(
-                self.template, training, jit_compile=jit_compile
+                self.template, training, jit_compile=jit_compile,
+                noinline=__import__("os").environ.get("I21_NOINLINE", "1") == "1",  # TEMP
             )
         return self._programs[key]
 
