@@ -328,8 +328,7 @@ class ParallelModel(trainer.TemplateTrainer):
         key = (bool(training), jit_compile)
         if key not in self._programs:
             self._programs[key] = tower_lib.ReplicaProgram(
-                self.template, training, jit_compile=jit_compile,
-                noinline=__import__("os").environ.get("I21_NOINLINE", "1") == "1",  # TEMP
+                self.template, training, jit_compile=jit_compile
             )
         return self._programs[key]
 
