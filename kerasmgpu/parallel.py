@@ -41,9 +41,9 @@ import tensorflow as tf
 from keras import tree
 
 from kerasmgpu import _compat, batchnorm, comm, distill, slicing, trainer
-from kerasmgpu import tower as tower_lib
 from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
+from kerasmgpu import tower as tower_lib
 
 
 class ParallelModel(trainer.TemplateTrainer):

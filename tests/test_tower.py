@@ -5,10 +5,9 @@ with one device compiled by XLA, and read where each replica's XLA program runs 
 partition graphs TensorFlow executes.
 """
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 import tensorflow as tf
 
 import kerasmgpu
