@@ -157,6 +157,15 @@ def nested_function_graphs(graph):
     ]
 
 
+def nested_functions(graph):
+    """{function name: its FuncGraph} of the functions a FuncGraph calls directly."""
+    # private: FuncGraph._functions (as nested_function_graphs).
+    return {
+        name: function.graph for name, function in getattr(graph, "_functions", {}).items()
+        if getattr(function, "graph", None) is not None
+    }
+
+
 def enclosing_function_graph(graph):
     """The function graph around a control-flow branch graph (the graph itself if none)."""
     # private: FuncGraph.is_control_flow_graph / outer_graph (tf.distribute walks them).

@@ -7,7 +7,7 @@ replica's forward pass as one `tf.function`: traced once per distinct program (t
 or inference, one input structure), then called once per device under that device's
 scope, with what differs between replicas passed in as arguments:
 
-- its slice of the batch (any batch size: the batch axis is left unknown);
+- its slice of the batch (of a size unknown at trace time, in `fit`);
 - the values of the trainable variables it reads (the template's, or its own copies with
   `variables="replicated"`);
 - the values of the state (non-trainable) variables, with its random seeds already
@@ -130,11 +130,14 @@ class ReplicaProgram:
     def _signature(self, inputs, trainable_values, state_values):
         """The key of the program for these arguments and its input signature.
 
-        The batch axis of the inputs is left unknown: replicas' slices differ in size
-        (by one sample at most), and the one-replica branch of a step gets the whole
-        batch; all of them share one trace.
+        The inputs' shapes are taken as the step knows them. In `fit` the batch size is
+        unknown when the step is traced, so every replica's slice, and the whole batch of
+        the one-replica branch, share one trace; with a batch size known at trace time
+        (a dataset with `drop_remainder=True`, `train_on_batch`), each slice size is a
+        program of its own (two at most: slices differ by one sample), and the shapes
+        inside stay known (the traffic measurement sizes transfers from them).
         """
-        input_specs = tree.map_structure(_batch_free_spec, inputs)
+        input_specs = tree.map_structure(_spec, inputs)
         trainable_specs = [tf.TensorSpec(v.shape, v.dtype) for v in trainable_values]
         state_specs = [tf.TensorSpec(v.shape, v.dtype) for v in state_values]
         variables = self.model.trainable_variables + self.model.non_trainable_variables
@@ -179,13 +182,10 @@ class ReplicaProgram:
         }
 
 
-def _batch_free_spec(value):
+def _spec(value):
     if isinstance(value, tf.Tensor) or not hasattr(value, "_type_spec"):
         tensor = tf.convert_to_tensor(value)
-        shape = tensor.shape
-        if shape.rank:
-            shape = tf.TensorShape([None]).concatenate(shape[1:])
-        return tf.TensorSpec(shape, tensor.dtype)
+        return tf.TensorSpec(tensor.shape, tensor.dtype)
     return tf.type_spec_from_value(value)  # ragged, sparse: as they are
 
 
