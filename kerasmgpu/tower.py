@@ -65,8 +65,9 @@ class ReplicaProgram:
             pass still runs. XLA programs are never inlined.
 
     Attributes:
-        traces: how many times the program was traced in Python (1 per input structure,
-            whatever the number of devices; `run_inline` counts each call).
+        traces: how many times the program was traced in Python: once per input
+            signature the step traces it with, whatever the number of devices
+            (`run_inline` counts each call).
 
     Example:
 
@@ -85,7 +86,6 @@ class ReplicaProgram:
         self.noinline = bool(noinline) and not self.jit_compile
         self.traces = 0
         self._functions = {}  # signature key -> tf.function with that input signature
-        self._state_changed = {}  # signature key -> which state entries the call writes
 
     def __call__(self, inputs, trainable_values, state_values):
         """Run the program on the current device.
@@ -108,7 +108,7 @@ class ReplicaProgram:
         if function is None:
             attributes = {"_noinline": True} if self.noinline else None
             function = tf.function(
-                lambda *args: self._traced(key, *args), input_signature=signature,
+                self._traced, input_signature=signature,
                 jit_compile=self.jit_compile, autograph=False,
                 experimental_attributes=attributes,
             )
@@ -148,14 +148,9 @@ class ReplicaProgram:
         )
         return key, [input_specs, trainable_specs, state_specs]
 
-    def _traced(self, key, inputs, trainable_values, state_values):
+    def _traced(self, inputs, trainable_values, state_values):
         self.traces += 1
-        result = self._forward(inputs, trainable_values, state_values)
-        # Function outputs are new tensors: which state entries the call wrote is kept
-        # from the trace, and the others are not returned (the caller's own tensor
-        # stands for them, so "nothing changed" can still be seen with `is`).
-        self._state_changed[key] = tuple(v is not None for v in result["state"])
-        return result
+        return self._forward(inputs, trainable_values, state_values)
 
     def _forward(self, inputs, trainable_values, state_values):
         model = self.model
@@ -166,6 +161,9 @@ class ReplicaProgram:
             # whose call takes it (and only there), masks propagate.
             outputs = model(inputs, training=self.training)
             losses = list(scope.losses)
+        # Function outputs are new tensors: state the call did not write is returned as
+        # None, and the caller's own tensor stands for it, so "nothing changed" can still
+        # be seen with `is` (no update to apply).
         state = []
         for variable, given in zip(model.non_trainable_variables, state_values):
             current = scope.get_current_value(variable)
