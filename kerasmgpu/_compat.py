@@ -30,6 +30,8 @@ TensorFlow 2.21). When an upgrade breaks one, this is the file to fix.
   cross-device transfer (`measure_traffic`); TF2 has no public run-metadata API.
 - `FuncGraph._functions`, `is_control_flow_graph`, `outer_graph`: the graphs nested in a
   step, and the step around a branch (collective keys that match across branches).
+- `keras.src.trainers.trainer.model_supports_jit`: resolve `jit_compile="auto"` for each
+  replica's program as Keras resolves it for one device.
 - `Dataset._as_serialized_graph`, `_AutoShardDataset`: which ops a tf.data pipeline runs,
   and tf.data's FILE auto-shard rewrite (`kerasmgpu.cluster.shard`).
 - `Optimizer._exclude_from_weight_decay`, `_exclude_from_weight_decay_pattern`: whether an
@@ -164,6 +166,15 @@ def nested_function_graphs(graph):
         function.graph for function in getattr(graph, "_functions", {}).values()
         if getattr(function, "graph", None) is not None
     ]
+
+
+def nested_functions(graph):
+    """{function name: its FuncGraph} of the functions a FuncGraph calls directly."""
+    # private: FuncGraph._functions (as nested_function_graphs).
+    return {
+        name: function.graph for name, function in getattr(graph, "_functions", {}).items()
+        if getattr(function, "graph", None) is not None
+    }
 
 
 def enclosing_function_graph(graph):
@@ -320,3 +331,13 @@ def optimizer_variables(optimizer):
     # private: BaseOptimizer._trainable_variables is the list build() recorded; apply()
     # without variables updates those.
     return list(optimizer._trainable_variables)
+
+
+def model_supports_jit(model):
+    """Whether Keras would compile `model` with XLA (its layers' `supports_jit`, TF's
+    op determinism, the platform)."""
+    # private: keras.src.trainers.trainer.model_supports_jit is the test behind Keras'
+    # own jit_compile="auto"; resolving "auto" per device must answer as Keras does.
+    from keras.src.trainers.trainer import model_supports_jit as supports
+
+    return supports(model)

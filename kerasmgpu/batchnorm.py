@@ -94,12 +94,18 @@ class Synchronizer:
 
 
 class _NoSync:
+    synchronizes = False  # the replicas may share one traced program (kerasmgpu.tower)
+
     def replica(self, index):
         return contextlib.nullcontext()
 
 
 class StepGroup:
     """The replicas of one traced step and the collective keys their layers share."""
+
+    # Each replica's collectives have their own device and role (replica 0 alone sums
+    # across workers): replicas are traced one by one, not as one shared program.
+    synchronizes = True
 
     def __init__(self, layers, devices, workers):
         self.layers = layers

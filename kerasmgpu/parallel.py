@@ -43,6 +43,7 @@ from keras import tree
 from kerasmgpu import _compat, batchnorm, comm, custom_steps, distill, options, slicing, trainer
 from kerasmgpu import cluster as cluster_lib
 from kerasmgpu import devices as devices_lib
+from kerasmgpu import tower as tower_lib
 from kerasmgpu.cluster import backup
 
 
@@ -129,6 +130,7 @@ class ParallelModel(trainer.TemplateTrainer):
             self._workers,
         )
         self._teacher = distill.find_teacher(template, teacher_device)
+        self._programs = {}  # (training, jit_compile) -> tower.ReplicaProgram
         # A template with its own train/test/predict step: the step runs once, its model
         # calls sliced (kerasmgpu.custom_steps).
         self._custom_steps = custom_steps.overridden_steps(template)
@@ -168,8 +170,50 @@ class ParallelModel(trainer.TemplateTrainer):
         """Where outputs are concatenated and the loss is computed."""
         return devices_lib.host_device() if self.cpu_merge else self._replica_devices[0]
 
+    @property
+    def replica_jit_compile(self):
+        """Whether XLA compiles each replica's program for its device (set by `compile`).
+
+        With one device, `jit_compile` (the whole step, as in Keras) says it instead.
+        """
+        return self._per_device_jit
+
     def _device_count(self):
         return len(self._replica_devices)
+
+    def _resolve_per_device_jit(self, jit_compile, run_eagerly):
+        """XLA for each replica's program: True, False, or "auto" as Keras resolves it
+        for one device of the replicas' kind (XLA on GPUs for a model whose layers
+        support it; not on CPUs). The merge, loss, all-reduce and update stay outside."""
+        if run_eagerly:
+            if jit_compile is True:
+                warnings.warn(
+                    "If `run_eagerly` is True, then `jit_compile` cannot also be True. "
+                    "Disabling `jit_compile`.", stacklevel=3,
+                )
+            return False
+        synchronized = [layer.name for layer in self._batchnorm.layers]
+        if jit_compile == "auto":
+            kinds = {tf.DeviceSpec.from_string(d).device_type for d in self._replica_devices}
+            return (
+                kinds == {"GPU"} and not synchronized
+                and _compat.model_supports_jit(self.template)
+            )
+        if jit_compile and synchronized:
+            raise ValueError(
+                "jit_compile=True cannot compile the replicas of a model with synchronized "
+                "BatchNormalization: their statistics are summed by collectives between the "
+                "replicas, which XLA does not compile on one device. Use jit_compile=False "
+                f"(or 'auto'). Received: jit_compile=True with synchronized layers {synchronized}"
+            )
+        if jit_compile and not _compat.model_supports_jit(self.template):
+            # As Keras does for one device.
+            warnings.warn(
+                "Model doesn't support `jit_compile=True`. Proceeding with "
+                "`jit_compile=False`.", stacklevel=3,
+            )
+            return False
+        return bool(jit_compile)
 
     def _loss_scope(self, tape=None):
         if self._teacher is None:
@@ -350,16 +394,34 @@ class ParallelModel(trainer.TemplateTrainer):
         first_replica = self._workers.worker_index * len(self._replica_devices)
         # Synchronized BatchNormalization: statistics summed over the replicas (and workers).
         group = self._batchnorm.step(self._replica_devices[:num_replicas], training)
+        program = self.replica_program(training)
+        # Collectives keyed and placed per replica cannot be shared: traced per replica.
+        run = program.run_inline if group.synchronizes else program
         towers = []
         for i, (part, rows) in enumerate(zip(parts, bounds)):
             tower = _Tower(self._replica_devices[i], part, rows)
             with tf.device(tower.device), tf.name_scope(f"replica_{i}"), group.replica(i):
                 variables = self._comm.replica_variables(
                     i, self.template.trainable_variables) if training else None
-                tower.run(self.template, training, seed_offset=first_replica + i,
+                tower.run(run, self.template, training, seed_offset=first_replica + i,
                           variables=variables)
             towers.append(tower)
         return towers
+
+    def replica_program(self, training):
+        """The program every replica runs (a `kerasmgpu.tower.ReplicaProgram`).
+
+        One per mode (training or inference) and XLA setting, made on first use; a step
+        calls it once per replica, under the replica's device. A custom step can call it
+        the same way on its own slices.
+        """
+        jit_compile = self._per_device_jit
+        key = (bool(training), jit_compile)
+        if key not in self._programs:
+            self._programs[key] = tower_lib.ReplicaProgram(
+                self.template, training, jit_compile=jit_compile
+            )
+        return self._programs[key]
 
     def _merged_outputs(self, towers, global_size):
         """The replicas' outputs (and, on a cluster, every worker's) in batch order."""
@@ -421,11 +483,10 @@ class ParallelModel(trainer.TemplateTrainer):
 
     def _backward_towers(self, towers):
         """Each replica's gradients, through its own tape, on its own device."""
-        trainable = self.template.trainable_variables
         gradients = []
         for i, tower in enumerate(towers):
             with tf.device(tower.device), tf.name_scope(f"replica_{i}_backward"):
-                gradients.append(tower.gradients(self._comm.replica_variables(i, trainable)))
+                gradients.append(tower.gradients())
         return gradients
 
     def _combine_state(self, towers, shares):
@@ -500,34 +561,29 @@ class _Tower:
         self.tape = None
         self.targets, self.output_gradients = [], []
 
-    def run(self, template, training, seed_offset, variables=None):
+    def run(self, program, template, training, seed_offset, variables=None):
         """The template's forward pass on this slice, statelessly, as `fit` calls it.
 
-        `variables`: the trainable variables this replica reads instead of the
-        template's (its copy, with replicated variables).
+        `program`: the replica program (`kerasmgpu.tower.ReplicaProgram`, or its
+        `run_inline`). `variables`: the trainable variables this replica reads instead
+        of the template's (its copy, with replicated variables).
         """
         non_trainable = template.non_trainable_variables
         values = [tf.convert_to_tensor(v) for v in non_trainable]
         self.state_in = trainer.offset_seeds(non_trainable, values, seed_offset) if (
             training) else values
-        # Trainable variables are read as they are (on this device); the state is given.
-        mapping = list(zip(non_trainable, self.state_in))
-        trainable = template.trainable_variables
-        if variables is not None and any(a is not b for a, b in zip(variables, trainable)):
-            mapping += list(zip(trainable, variables))
+        variables = template.trainable_variables if variables is None else variables
+        # Read here (on this device, or where a variable lives) and passed in: the
+        # program is the same for every replica, and so is its backward pass.
+        self.trainable_values = [tf.convert_to_tensor(v) for v in variables]
         if training:
-            self.tape = tf.GradientTape()
+            self.tape = tf.GradientTape(watch_accessed_variables=False)
             self.tape.__enter__()
+            self.tape.watch(self.trainable_values)
         try:
-            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-                # Through __call__, as fit calls a model: `training` goes to the layers
-                # whose call takes it (and only there), masks propagate.
-                self.outputs = template(self.inputs, training=training)
-                self.added_losses = list(scope.losses)
-            self.state_out = [
-                given if scope.get_current_value(v) is None else scope.get_current_value(v)
-                for v, given in zip(non_trainable, self.state_in)
-            ]
+            self.outputs, self.state_out, self.added_losses = program(
+                self.inputs, self.trainable_values, self.state_in
+            )
         finally:
             if self.tape is not None:
                 self.tape.__exit__(None, None, None)
@@ -539,11 +595,12 @@ class _Tower:
                 self.targets.append(tensor)
                 self.output_gradients.append(gradient)
 
-    def gradients(self, variables):
+    def gradients(self):
+        """The gradients of this replica's trainable variables (its copies), or None each."""
         if not self.targets:
-            return [None] * len(variables)
+            return [None] * len(self.trainable_values)
         return self.tape.gradient(
-            self.targets, variables, output_gradients=self.output_gradients
+            self.targets, self.trainable_values, output_gradients=self.output_gradients
         )
 
 

@@ -2,7 +2,7 @@
 
 `ParallelModel` (replicas) and `SplitModel` (pipeline stages) are both `keras.Model`s
 whose variables are their template's: they compile like Keras models (with `jit_compile`
-resolved so XLA never spans devices), compute the loss once on the merged outputs (the
+resolved so that XLA never spans devices), compute the loss once on the merged outputs (the
 template's own `compute_loss` when it overrides it) with the losses they collected by
 hand, apply one update per step, and save, load and export through the template, so
 files are ordinary Keras files. The helpers below are the step pieces both use: the loss
@@ -27,6 +27,7 @@ class TemplateTrainer(keras.Model):
         super().__init__(name=name)
         self.template = template
         self._step_losses = None
+        self._per_device_jit = False
         if hasattr(template, "output_names"):
             self.output_names = template.output_names
         self.built = True
@@ -38,6 +39,22 @@ class TemplateTrainer(keras.Model):
     def _writes_files(self):
         """Whether save/save_weights write (on a cluster, only the chief does)."""
         return True
+
+    def _resolve_per_device_jit(self, jit_compile, run_eagerly):
+        """Whether XLA compiles each device's part of the step, for `jit_compile`
+        (True, False or "auto") with more than one device.
+
+        By default nothing is compiled per device: True is an error and "auto" False.
+        A subclass that runs one program per device (`ParallelModel`) resolves it.
+        """
+        if jit_compile is True:
+            raise ValueError(
+                f"jit_compile=True is not supported by {type(self).__name__} with more than "
+                f"one device: XLA would compile the work of all {self._device_count()} "
+                "devices into one program for one device. Use jit_compile=False (or 'auto', "
+                f"which resolves to False here). Received: jit_compile={jit_compile!r}"
+            )
+        return False
 
     @property
     def metrics(self):
@@ -66,27 +83,27 @@ class TemplateTrainer(keras.Model):
         """Configure training as `keras.Model.compile` does.
 
         `jit_compile`: XLA compiles a whole step into one program for one device, which
-        would undo the per-device placement. With more than one device, "auto" resolves
-        to False and True is an error. With one device it is passed to Keras unchanged.
+        would undo the per-device placement. With one device it is passed to Keras
+        unchanged. With more than one, the step itself is never one XLA program:
+        `_resolve_per_device_jit` decides what XLA compiles instead (a program per device,
+        for the replicas), and `jit_compile` of the step is False.
 
         The template is compiled with the same optimizer object, loss and metrics, so
         that a saved template carries the training configuration and optimizer state.
         """
+        if not (jit_compile in ("auto", None) or isinstance(jit_compile, bool)):
+            raise ValueError(
+                "jit_compile must be True, False or 'auto'. "
+                f"Received: jit_compile={jit_compile!r}"
+            )
         devices = self._device_count()
         if devices > 1:
-            if jit_compile is True:
-                raise ValueError(
-                    "jit_compile=True is not supported with more than one device: XLA would "
-                    f"compile the work of all {devices} devices into one program for one "
-                    "device. Use jit_compile=False (or 'auto', which resolves to False here). "
-                    f"Received: jit_compile={jit_compile!r}"
-                )
-            if jit_compile not in ("auto", False, None):
-                raise ValueError(
-                    "jit_compile must be True, False or 'auto'. "
-                    f"Received: jit_compile={jit_compile!r}"
-                )
+            self._per_device_jit = self._resolve_per_device_jit(
+                "auto" if jit_compile is None else jit_compile, run_eagerly
+            )
             jit_compile = False
+        else:
+            self._per_device_jit = False
         super().compile(
             optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics,
             weighted_metrics=weighted_metrics, run_eagerly=run_eagerly,

@@ -41,3 +41,44 @@ def run_cli(args, capsys):
         status = exit_.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+class PlacedOp:
+    """An op of a traced step: its op type, its name through the calls that reach it, the
+    device it runs on and whether it belongs to a backward pass."""
+
+    def __init__(self, op, name, device, backward):
+        self.op, self.name, self.device, self.backward = op, name, device, backward
+
+
+def placed_ops(graph_def):
+    """Every op of a traced step (a GraphDef), with the device it is placed on.
+
+    An op inside a function (a replica's program, a switch branch) without a device of its
+    own runs on the device of the call that runs the function, as TensorFlow places it
+    (called from N devices, the function's ops are listed N times). Backward ops are those
+    a gradient tape traced into the step ("gradient_tape" scopes) and those of backward
+    functions (a traced function's gradient).
+    """
+    functions = {f.signature.name: f for f in graph_def.library.function}
+
+    def called(node):
+        for value in node.attr.values():
+            if value.HasField("func"):
+                yield value.func.name
+            yield from (f.name for f in value.list.func)
+
+    def walk(nodes, prefix, device, backward):
+        for node in nodes:
+            name = f"{prefix}{node.name}"
+            here = node.device or device
+            in_backward = backward or "gradient_tape" in node.name
+            yield PlacedOp(node.op, name, here, in_backward)
+            for function in called(node):
+                if function in functions:
+                    yield from walk(
+                        functions[function].node_def, f"{name}/", here,
+                        in_backward or function.startswith("__inference___backward"),
+                    )
+
+    return list(walk(graph_def.node, "", "", False))

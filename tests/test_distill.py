@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import kerasmgpu
+from tests.helpers import placed_ops
 
 # KERASMGPU_SIMULATED_DEVICES=4 in the test environment: CPU:0..3.
 
@@ -197,12 +198,12 @@ def _short(device):
 
 @pytest.mark.parametrize("batch", [12, None], ids=["static-batch", "dynamic-batch"])
 def test_teacher_ops_run_on_teacher_device_students_backward_on_replicas(batch):
-    nodes = [node for graph in _graphs(_traced_step("CPU:3", batch)) for node in graph]
+    nodes = placed_ops(_traced_step("CPU:3", batch))
     teacher = {_short(n.device) for n in nodes if _is_teacher(n) and n.op in COMPUTE_OPS}
     assert teacher == {"CPU:3"}
     backward = {
         _short(n.device) for n in nodes
-        if "gradient_tape" in n.name and _is_student(n) and n.op in {"MatMul", "BiasAddGrad"}
+        if n.backward and _is_student(n) and n.op in {"MatMul", "BiasAddGrad"}
     }
     assert backward == {"CPU:0", "CPU:1", "CPU:2"}
     # The teacher's forward pass is off the tape: no gradient op of it exists.

@@ -1,9 +1,10 @@
 """Each replica's forward *and backward* pass is placed on its own device.
 
-Read from the traced training graph (and the functions it calls, for the run-time
-replica-count switch): backward ops are the ones TensorFlow's gradient tape creates
-under the "gradient_tape" name scope. With one tape around all replicas they would all
-sit on a single device, and these tests would fail.
+Read from the traced training graph and the functions it calls (the run-time
+replica-count switch, the replica program and its backward function, whose ops run on the
+device of the call): backward ops are those of a gradient tape or of a backward function.
+With one tape around all replicas, or a replica program called without its device, they
+would all sit on a single device, and these tests would fail.
 """
 
 import collections
@@ -13,16 +14,13 @@ import pytest
 import tensorflow as tf
 
 import kerasmgpu
+from tests.helpers import placed_ops
 
 BACKWARD_OPS = {"MatMul", "Conv2DBackpropFilter", "Conv2DBackpropInput", "BiasAddGrad"}
 
 
 def _all_nodes(concrete_function):
-    graph_def = concrete_function.graph.as_graph_def()
-    nodes = list(graph_def.node)
-    for function in graph_def.library.function:
-        nodes.extend(function.node_def)
-    return nodes
+    return placed_ops(concrete_function.graph.as_graph_def())
 
 
 def _short(device):
@@ -43,7 +41,7 @@ def _traced_train_step(template, gpus, batch, input_shape):
 def _backward_devices(nodes, op_types):
     found = collections.defaultdict(set)
     for node in nodes:
-        if "gradient_tape" in node.name and node.op in op_types:
+        if node.backward and node.op in op_types:
             found[node.op].add(_short(node.device))
     return found
 
@@ -78,11 +76,11 @@ def test_convolution_gradients_run_on_every_replica_device():
 def test_each_replica_runs_its_forward_pass_on_its_own_device():
     nodes = _traced_train_step(_convnet(), [1, 3], 6, (8, 8, 3))
     forward = {_short(n.device) for n in nodes
-               if n.op == "Conv2D" and "gradient_tape" not in n.name}
+               if n.op == "Conv2D" and not n.backward}
     assert forward == {"CPU:1", "CPU:3"}
 
 
 def test_outputs_are_merged_on_the_cpu():
     nodes = _traced_train_step(_mlp(), [2, 3], 6, (8,))
-    concat = [n for n in nodes if n.op == "ConcatV2" and "gradient_tape" not in n.name]
+    concat = [n for n in nodes if n.op == "ConcatV2" and not n.backward]
     assert concat and all(_short(n.device) == "CPU:0" for n in concat)

@@ -57,7 +57,8 @@ def add_model_arguments(parser):
     )
     parser.add_argument(
         "--jit-compile", action="store_true",
-        help="compile steps with XLA (kerasmgpu with more than 1 device runs without it; "
+        help="compile every method's steps with XLA (kerasmgpu with more than 1 device: "
+        "each replica's program, for its device; the -xla methods use XLA either way; "
         "the JSON reports what each method used)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and data")

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import kerasmgpu
+from kerasmgpu import _compat
 from kerasmgpu.comm import collective
 from tests.helpers import dense_classifier, max_weight_difference, twin
 
@@ -150,15 +151,43 @@ def _producers(tensors):
     return {t.op for t in tensors}
 
 
-def _ancestors(op):
-    seen, pending = set(), [op]
+def _called_function(op):
+    try:
+        return op.get_attr("f").name
+    except (ValueError, AttributeError):
+        return None
+
+
+def _producer(tensor):
+    """The op that computes `tensor`, past the Identity ops a function output adds."""
+    while tensor.op.type == "Identity" and tensor.op.inputs:
+        tensor = tensor.op.inputs[0]
+    return tensor.op
+
+
+def _ancestors_through_calls(op, functions):
+    """What `op` waits for, looking inside the replica programs it reaches: output k of a
+    call needs what the function's output k needs, and the function's argument j is the
+    call's input j (a backward function's gradients one by one, as once it is inlined)."""
+    seen, pending = set(), [(op, None)]
     while pending:
-        current = pending.pop()
-        for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+        current, call = pending.pop()
+        parents = [(c, call) for c in current.control_inputs]
+        for tensor in current.inputs:
+            function = functions.get(_called_function(tensor.op))
+            if function is None:
+                parents.append((tensor.op, call))
+            else:
+                parents.append((_producer(function.outputs[tensor.value_index]), tensor.op))
+        if call is not None and current.type == "Placeholder":
+            arguments = functions[_called_function(call)].inputs
+            index = next(i for i, t in enumerate(arguments) if t.op is current)
+            parents.append((call.inputs[index].op, None))
+        for parent in parents:
             if parent not in seen:
                 seen.add(parent)
                 pending.append(parent)
-    return seen
+    return {found for found, _ in seen}
 
 
 def test_first_bucket_all_reduce_does_not_wait_for_the_rest_of_the_backward_pass():
@@ -185,22 +214,28 @@ def test_first_bucket_all_reduce_does_not_wait_for_the_rest_of_the_backward_pass
         number = int(op.name.split("bucket_")[1].split("/")[0])
         by_bucket.setdefault(number, []).append(op)
 
+    functions = _compat.nested_functions(graph)
+
     def gradient_ops(number):
-        # What each device's bucket is made of: the backward ops producing its gradients.
+        # What each device's bucket is made of: the backward ops producing its gradients
+        # (inside each replica's backward function).
         packed = [op for op in graph.get_operations()
                   if f"/bucket_{number}/" in op.name and op.type in ("Reshape", "ConcatV2")]
-        return {t.op for op in packed for t in op.inputs
-                if t.op.name.startswith("gradient_tape/")}
+        return {
+            _producer(functions[_called_function(t.op)].outputs[t.value_index])
+            for op in packed for t in op.inputs
+            if (_called_function(t.op) or "").startswith("__inference___backward")
+        }
 
     first_layer_gradients = gradient_ops(3)  # the first layer: produced last by backprop
     last_layer_gradients = gradient_ops(0)  # the output layer: produced first
     assert first_layer_gradients and last_layer_gradients
     for op in by_bucket[0]:
-        ancestors = _ancestors(op)
+        ancestors = _ancestors_through_calls(op, functions)
         assert not ancestors & first_layer_gradients
         assert ancestors & last_layer_gradients  # it does wait for its own gradients
     for op in by_bucket[3]:
-        assert _ancestors(op) & first_layer_gradients
+        assert _ancestors_through_calls(op, functions) & first_layer_gradients
 
 
 def test_replicated_traffic_is_a_ring_all_reduce_and_central_is_reported_beside_it():

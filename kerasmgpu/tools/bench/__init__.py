@@ -6,6 +6,9 @@ optimizer and `jit_compile` setting:
 - "keras": plain `model.fit` / `model.predict` on one device (no wrapper): the reference;
 - "kerasmgpu": `kerasmgpu.ParallelModel` for each device count (1 device runs the same
   code path as N);
+- "keras-xla", "kerasmgpu-xla": the same two with XLA (`jit_compile=True`; for kerasmgpu
+  on N devices, each replica's program compiled for its own device), side by side with
+  the runs without it;
 - "mirrored": `tf.distribute.MirroredStrategy` for each device count >= 2;
 - "keras-jax": Keras' own `keras.distribution.DataParallel` on the JAX backend for each
   device count, when jax is installed (`pip install 'kerasmgpu[bench]'`);
@@ -82,8 +85,9 @@ def run_benchmark(model=DEFAULT_MODEL, device_counts=(1, 2), cores_per_device=No
             (`None`: all devices share all cores, which measures overhead, not speed-up).
         batch_size, steps, repeats, warmup_steps, jit_compile, steps_per_execution,
             seed: see `kerasmgpu bench --help`.
-        methods: some of "keras", "kerasmgpu", "mirrored", "keras-jax" (keras-jax is
-            skipped, and said so in `report["skipped"]`, when jax is not installed).
+        methods: some of "keras", "keras-xla", "kerasmgpu", "kerasmgpu-xla", "mirrored",
+            "keras-jax" (keras-jax is skipped, and said so in `report["skipped"]`, when
+            jax is not installed).
         phases: "train" and/or "predict".
         ceiling: also measure N independent 1-device processes at once (needs "keras",
             "train" and a device count >= 2).

@@ -4,12 +4,15 @@ import numpy as np
 
 PHASE_TITLES = {"train": "Training (fit)", "predict": "Inference (predict)"}
 METHOD_NAMES = {
-    "keras": "plain Keras", "kerasmgpu": "kerasmgpu", "mirrored": "MirroredStrategy",
+    "keras": "plain Keras", "keras-xla": "plain Keras, XLA", "kerasmgpu": "kerasmgpu",
+    "kerasmgpu-xla": "kerasmgpu, XLA per replica", "mirrored": "MirroredStrategy",
     "keras-jax": "Keras DataParallel (JAX)",
 }
 STYLES = {
     "keras": dict(marker="s", color="black", linestyle="none", markersize=8),
+    "keras-xla": dict(marker="s", color="tab:gray", linestyle="none", markersize=8),
     "kerasmgpu": dict(marker="o", color="tab:blue"),
+    "kerasmgpu-xla": dict(marker="o", color="tab:purple", linestyle="--"),
     "mirrored": dict(marker="^", color="tab:orange"),
     "keras-jax": dict(marker="D", color="tab:green"),
 }
@@ -82,7 +85,7 @@ def format_table(report):
         if not rows:
             continue
         header = (
-            f"{'method':<10} {'devices':>7} {'samples/s':>10} {'min-max':>11} {'speed-up':>8} "
+            f"{'method':<13} {'devices':>7} {'samples/s':>10} {'min-max':>11} {'speed-up':>8} "
             + (f"{'efficiency':>10} " if owns_cores else "")
             + f"{'vs mirrored':>11} {'1st step s':>10} {'MFU':>6} {'jit':>4}"
             + (f" {'loss':>9}" if phase == "train" else "")
@@ -99,7 +102,7 @@ def format_table(report):
             versus = f"{r['ratio_vs_mirrored']:.2f}x" if r["ratio_vs_mirrored"] else "-"
             mfu = f"{r['mfu']:.2f}" if r["mfu"] is not None else "-"
             lines.append(
-                f"{r['method']:<10} {r['devices']:>7} {r['samples_per_sec']:>10.1f} "
+                f"{r['method']:<13} {r['devices']:>7} {r['samples_per_sec']:>10.1f} "
                 f"{_range(r):>11} {speedup:>8} "
                 + (f"{efficiency:>10} " if owns_cores else "")
                 + f"{versus:>11} {r['first_step_seconds']:>10.2f} {mfu:>6} "
@@ -114,7 +117,9 @@ def format_table(report):
         "speed-up: vs plain Keras on 1 device" + (
             "; efficiency: speed-up / devices" if owns_cores else "") + "; min-max: samples/s "
         "of the slowest and fastest repeat; vs mirrored: vs MirroredStrategy on the same "
-        "devices; 1st step: time to the first step (tracing, compiling) of the warm-up; "
+        "devices; 1st step: time to the first step (tracing, compiling; with XLA, the "
+        "compilation for every device) of the warm-up; -xla: the same method with XLA "
+        "(kerasmgpu: each replica's program compiled for its device); "
         "loss: the last repeat's mean training loss (same weights and data: it should agree "
         "across the TensorFlow methods).",
         f"MFU = model FLOP/s / peak FLOP/s of the same devices. FLOPs: {model['flops_method']}.",

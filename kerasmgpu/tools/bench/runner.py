@@ -29,7 +29,9 @@ from kerasmgpu.options import UsageError
 # Every answer of a worker is one stdout line starting with this (libraries may print too).
 ANSWER_PREFIX = "@kerasmgpu-bench "
 DISTINCT_BATCHES = 2
-TF_METHODS = ("keras", "kerasmgpu", "mirrored")
+# "-xla": the same method with every step (kerasmgpu: every replica's program) compiled by
+# XLA, beside the one without, in the same run.
+TF_METHODS = ("keras", "keras-xla", "kerasmgpu", "kerasmgpu-xla", "mirrored")
 METHODS = (*TF_METHODS, "keras-jax")
 PHASES = ("train", "predict")
 JAX_MISSING = "jax is not installed (pip install 'kerasmgpu[bench]' or pip install jax)"
@@ -122,10 +124,12 @@ def start_worker(method, devices, spec):
 def plan_contenders(device_counts, methods):
     """(method, devices) pairs in the order they are timed."""
     plan = []
-    if "keras" in methods:
-        plan.append(("keras", 1))
-    if "kerasmgpu" in methods:
-        plan += [("kerasmgpu", n) for n in device_counts]
+    for one_device in ("keras", "keras-xla"):
+        if one_device in methods:
+            plan.append((one_device, 1))
+    for wrapper in ("kerasmgpu", "kerasmgpu-xla"):
+        if wrapper in methods:
+            plan += [(wrapper, n) for n in device_counts]
     if "mirrored" in methods:
         plan += [("mirrored", n) for n in device_counts if n >= 2]
     if "keras-jax" in methods:
@@ -298,7 +302,7 @@ def measure(model, device_counts, spec, methods, phases, steps, warmup_steps, re
         ready = {worker.label: worker.ready for worker in workers}
         traffic = []
         for worker in workers:
-            if worker.method == "kerasmgpu" and worker.devices >= 2:
+            if worker.method == "kerasmgpu" and worker.devices >= 2:  # not twice with -xla
                 traffic += worker.ask({"traffic": [worker.devices]})["traffic"]
     return records, peaks, ceiling_rounds, ready, loads, traffic
 

@@ -74,10 +74,13 @@ def _tf_contender(spec, keras, model_builder):
 
     n = spec["devices"]
     devices = kerasmgpu.visible_devices()[:n]
+    method = spec["method"].removesuffix("-xla")
+    jit_compile = spec["jit_compile"] or spec["method"].endswith("-xla")
+
     def arguments():
         # The optimizer is made here, inside the strategy's scope for MirroredStrategy.
         return models.fresh_compile_arguments(
-            spec["compile_config"], spec["jit_compile"], spec["steps_per_execution"]
+            spec["compile_config"], jit_compile, spec["steps_per_execution"]
         )
 
     own_compile = spec["compile_config"] == models.OWN_COMPILE
@@ -86,7 +89,7 @@ def _tf_contender(spec, keras, model_builder):
         # A model with its own train_step comes compiled by its builder (its own compile
         # arguments); only XLA is set, the same for every method.
         if own_compile:
-            model.jit_compile = bool(spec["jit_compile"]) and model.jit_compile
+            model.jit_compile = bool(jit_compile) and model.jit_compile
         else:
             model.compile(**arguments())
         return model
@@ -96,11 +99,11 @@ def _tf_contender(spec, keras, model_builder):
             f"{spec['method']} on {n} devices: only {len(devices)} are visible "
             f"({', '.join(devices) or 'none'})."
         )
-    if spec["method"] == "mirrored":
+    if method == "mirrored":
         strategy = tf.distribute.MirroredStrategy(devices=devices)
         with strategy.scope():
             model = template = compiled(model_builder())
-    elif spec["method"] == "kerasmgpu":
+    elif method == "kerasmgpu":
         template = model_builder()
         if own_compile:
             # Compiled, then wrapped: the wrapper takes the template's compile.
@@ -109,8 +112,8 @@ def _tf_contender(spec, keras, model_builder):
             template, devices=devices, variables=spec.get("variables", "auto")
         )
         if not own_compile:
-            # The wrapper runs more than 1 device without XLA.
-            model.compile(**dict(arguments(), **({"jit_compile": False} if n > 1 else {})))
+            # With more than 1 device, XLA compiles each replica's program for its device.
+            model.compile(**arguments())
     else:
         model = template = compiled(model_builder())
     return model, template, devices
@@ -197,8 +200,10 @@ def main(spec):
     data = {phase: feed(x, y, phase) for phase in spec["phases"]}
     timer = _Timer(keras)
     meter = None
-    ready = {"devices": devices, "jit_compile": bool(getattr(model, "jit_compile", False))}
-    if method == "kerasmgpu":
+    ready = {"devices": devices, "jit_compile": bool(
+        getattr(model, "jit_compile", False) or getattr(model, "replica_jit_compile", False)
+    )}
+    if method.startswith("kerasmgpu"):
         ready["variables"] = model.variables_layout  # what "auto" resolved to
     if method in TF_METHODS:
         import tensorflow as tf
