@@ -45,8 +45,7 @@ def test_environments_give_the_chief_the_oracle_and_each_tuner_its_device_and_co
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--", "python"], "--workers is required (the number of worker processes), unless "
-                           "--tuner is given"),
+        (["--", "python"], "give --workers N (a cluster on this machine) or --workers-per-node K"),
         (["--tuner", "--devices-per-worker", "2", "--", "python"],
          "--devices-per-worker does not apply. Received: --devices-per-worker 2"),
         (["--tuner", "--workers", "0", "--", "python"], "Received: --workers=0"),
