@@ -25,6 +25,7 @@ LAYERS = {
     "options": 0,
     "_compat": 1, "devices": 1, "slicing": 1,
     "trainer": 2, "comm": 2, "cluster": 2, "batchnorm": 2, "distill": 2,
+    "custom_steps": 2,  # a template's own step, its model calls sliced (issue #20)
     "tower": 2,  # one replica program (issue #21), beside the trainer
     "parallel": 3, "split": 3,
     "pool": 3,  # many models at once (issue #24), beside parallel

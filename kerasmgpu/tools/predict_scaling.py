@@ -14,16 +14,14 @@ import json
 
 from kerasmgpu.options import UsageError, finite_float, writable_file
 from kerasmgpu.tools import models
+from kerasmgpu.tools.card_memory import STATE_SLOTS, format_memory, largest_models
 from kerasmgpu.tools.scaling import (
     AGGREGATIONS,
     DEFAULT_GPUS,
     LINKS,
-    STATE_SLOTS,
     add_prediction_arguments,
-    format_memory,
     format_report,
     gradient_bytes_of,
-    largest_models,
     parse_prediction_options,
     prediction_report,
 )

@@ -5,7 +5,7 @@ import json
 import keras
 import pytest
 
-from kerasmgpu.tools import scaling
+from kerasmgpu.tools import card_memory, scaling
 from kerasmgpu.tools.scaling import Link
 from tests.helpers import run_cli
 
@@ -302,9 +302,9 @@ def test_predict_scaling_measures_the_traffic_itself(tmp_path, capsys):
 
 def test_sharded_optimizer_state_fits_larger_models_per_device():
     # Adam: 16 bytes a parameter replicated; sharded over 4: 8 + 4 x 4 / 4 = 12.
-    assert scaling.bytes_per_parameter(4, 2, sharded=False) == 16
-    assert scaling.bytes_per_parameter(4, 2, sharded=True) == 12
-    rows = scaling.largest_models(16e9, [2, 8], 2)
+    assert card_memory.bytes_per_parameter(4, 2, sharded=False) == 16
+    assert card_memory.bytes_per_parameter(4, 2, sharded=True) == 12
+    rows = card_memory.largest_models(16e9, [2, 8], 2)
     assert rows[0]["full"] == 1_000_000_000 and rows[1]["sharded"] > rows[0]["sharded"]
     assert rows[1]["sharded"] == int(16e9 // 10.0)  # (2 + 4 / 8) x 4 bytes
 
