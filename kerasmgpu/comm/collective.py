@@ -155,7 +155,6 @@ class Collectives:
         self.timeout_seconds = float(timeout_seconds)
         self._tokens = None
         self._bases = weakref.WeakKeyDictionary()
-        self.traced_collectives = 0
 
     def build(self):
         """Create the per-device ordering tokens (eagerly, before any step is traced)."""
@@ -194,47 +193,14 @@ class Collectives:
         Returns:
             One tensor per local device, on that device.
         """
-        self.build()
-        key = self._instance_key(slot)
-        self.traced_collectives += 1
-        results = []
-        for device, token, tensor in zip(self.local_devices, self._tokens, per_device):
-            with tf.device(device):
-                results.append(
-                    tf.raw_ops.CollectiveReduceV2(
-                        input=tensor,
-                        group_size=self.group_size,
-                        group_key=self.group_key,
-                        instance_key=key,
-                        # Orders this device's collectives among themselves only.
-                        ordering_token=[token.handle],
-                        merge_op=merge_op,
-                        final_op=final_op,
-                        communication_hint=self.hint,
-                        timeout_seconds=self.timeout_seconds,
-                    )
-                )
-        return results
+        return self._on_every_device(
+            tf.raw_ops.CollectiveReduceV2, per_device, slot, merge_op=merge_op,
+            final_op=final_op,
+        )
 
     def all_gather(self, per_device, slot):
         """Concatenate one tensor per participant (same shapes), in group order, on every device."""
-        self.build()
-        key = self._instance_key(slot)
-        results = []
-        for device, token, tensor in zip(self.local_devices, self._tokens, per_device):
-            with tf.device(device):
-                results.append(
-                    tf.raw_ops.CollectiveGatherV2(
-                        input=tensor,
-                        group_size=self.group_size,
-                        group_key=self.group_key,
-                        instance_key=key,
-                        ordering_token=[token.handle],
-                        communication_hint=self.hint,
-                        timeout_seconds=self.timeout_seconds,
-                    )
-                )
-        return results
+        return self._on_every_device(tf.raw_ops.CollectiveGatherV2, per_device, slot)
 
     def all_to_all(self, per_device, slot):
         """Exchange rows: device i's row j goes to participant j, which gets one from each.
@@ -248,23 +214,26 @@ class Collectives:
             (n - 1) / n of the input each way, as a ring reduce-scatter does (TensorFlow
             has `CollectiveReduceScatterV2` for NCCL only; all-to-all runs everywhere).
         """
+        return self._on_every_device(tf.raw_ops.CollectiveAllToAllV2, per_device, slot)
+
+    def _on_every_device(self, op, per_device, slot, **attributes):
+        """Issue the collective `op` once per local device, each ordered by its device's token.
+
+        The ordering token orders one device's collectives among themselves only; without
+        it, TensorFlow's automatic control dependencies would chain the devices' calls in
+        program order and deadlock (docs/comm.md).
+        """
         self.build()
         key = self._instance_key(slot)
-        self.traced_collectives += 1
         results = []
         for device, token, tensor in zip(self.local_devices, self._tokens, per_device):
             with tf.device(device):
-                results.append(
-                    tf.raw_ops.CollectiveAllToAllV2(
-                        input=tensor,
-                        group_size=self.group_size,
-                        group_key=self.group_key,
-                        instance_key=key,
-                        ordering_token=[token.handle],
-                        communication_hint=self.hint,
-                        timeout_seconds=self.timeout_seconds,
-                    )
-                )
+                results.append(op(
+                    input=tensor, group_size=self.group_size, group_key=self.group_key,
+                    instance_key=key, ordering_token=[token.handle],
+                    communication_hint=self.hint, timeout_seconds=self.timeout_seconds,
+                    **attributes,
+                ))
         return results
 
     def all_reduce_max(self, per_device, slot):
