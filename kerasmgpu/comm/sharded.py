@@ -503,13 +503,8 @@ class Sharded(replicated.Replicated):
         if self._shards is None or self._parked is not None:
             yield  # not built yet, or parked: the template's optimizer is whole already
             return
-        compiled = self._optimizer
-        full = self._filled_full_optimizer(template)
-        template.optimizer = full
-        try:
+        with self._full_optimizer_in(template) as full:
             yield full
-        finally:
-            template.optimizer = compiled
 
     @contextlib.contextmanager
     def loading_optimizer(self, template):
@@ -519,16 +514,23 @@ class Sharded(replicated.Replicated):
         if self._shards is None:
             yield
             return
-        compiled = self._optimizer
         # Filled with the current state: a file without optimizer state leaves it as is.
+        with self._full_optimizer_in(template) as full:
+            yield full
+        self._scatter_state_from(full)
+        self.request_sync()
+
+    @contextlib.contextmanager
+    def _full_optimizer_in(self, template):
+        """`template.optimizer` is, inside the block, a whole optimizer holding every shard's
+        state; the light compiled optimizer is put back after."""
+        compiled = self._optimizer
         full = self._filled_full_optimizer(template)
         template.optimizer = full
         try:
             yield full
         finally:
             template.optimizer = compiled
-        self._scatter_state_from(full)
-        self.request_sync()
 
     def _filled_full_optimizer(self, template):
         """An optimizer built on the template's variables, holding every shard's state."""
