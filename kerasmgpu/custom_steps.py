@@ -374,3 +374,41 @@ def _callable_models(template):
         layer for layer in _compat.flatten_layers(template)
         if isinstance(layer, keras.Model)
     ]
+
+
+def check_options(template, strategy, workers, synchronizer):
+    """Refuse, at wrap time, the options a template's own step cannot run with exactly."""
+    steps = ", ".join(overridden_steps(template))
+    if strategy.sync_period != 1:
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps}: its step runs once and applies "
+            "every update once, as on one device, so there are no replicas' weights to "
+            "average every few steps. Use sync_period=1 (synchronous training). "
+            f"Received: sync_period={strategy.sync_period}"
+        )
+    sharded = getattr(strategy, "shards_optimizer_state", False)
+    gradient_dtype = getattr(strategy, "gradient_dtype", "float32")
+    if sharded or gradient_dtype != "float32":
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps}: its step calls each optimizer "
+            "itself, once, on whole gradients, so the optimizer state cannot be sharded nor "
+            "the gradients sent in 16 bits. Use optimizer_state='full' and "
+            "gradient_dtype='float32'. Received: optimizer_state="
+            f"{'sharded' if sharded else 'full'!r}, gradient_dtype={gradient_dtype!r}"
+        )
+    if workers.num_workers > 1:
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps}, which kerasmgpu runs on the "
+            "devices of one machine; a TF_CONFIG cluster of several workers is not supported "
+            "for such models yet. Train it on one machine. "
+            f"Received: a cluster of {workers.num_workers} workers"
+        )
+    if synchronizer.layers:
+        names = ", ".join(repr(layer.name) for layer in synchronizer.layers[:3])
+        raise ValueError(
+            f"The model {template.name!r} overrides {steps} and has synchronized "
+            f"BatchNormalization layers ({names}); synchronized statistics are not "
+            "supported inside a custom step yet. Use sync_batchnorm=False and layers built "
+            "with synchronized=False (each replica then normalises its slice), or train "
+            "unwrapped. Received: sync_batchnorm or BatchNormalization(synchronized=True)"
+        )

@@ -32,6 +32,10 @@ all workers gathered), outputs gathered from every worker before the loss, gradi
 summed over workers before the update, synchronized BatchNormalization statistics summed
 over every replica of every worker. The step reaches the other workers only through
 `kerasmgpu.cluster.workers()`, which is the identity on one machine.
+
+One module on purpose (about 800 lines): it is `ParallelModel`, one class whose steps
+(standard, or the template's own through `custom_steps`) and options belong together;
+the pieces shared with other layouts live in `trainer`, `tower`, `comm` and `cluster`.
 """
 
 import warnings
@@ -136,7 +140,7 @@ class ParallelModel(trainer.TemplateTrainer):
         self._custom_steps = custom_steps.overridden_steps(template)
         self._sliced_calls = None
         if self._custom_steps:
-            _check_custom_step_options(template, self._comm, self._workers, self._batchnorm)
+            custom_steps.check_options(template, self._comm, self._workers, self._batchnorm)
             self._sliced_calls = custom_steps.SlicedCalls(
                 template, self._replica_devices, self.merge_device, self._comm,
                 seed_offset=self._workers.worker_index * len(self._replica_devices),
@@ -709,44 +713,6 @@ def _check_template(template):
                 "which keeps a state per batch position and needs whole batches of a fixed "
                 "size; it cannot be sliced across devices. Use stateful=False."
             )
-
-
-def _check_custom_step_options(template, strategy, workers, synchronizer):
-    """Refuse, at wrap time, the options a template's own step cannot run with exactly."""
-    steps = ", ".join(custom_steps.overridden_steps(template))
-    if strategy.sync_period != 1:
-        raise ValueError(
-            f"The model {template.name!r} overrides {steps}: its step runs once and applies "
-            "every update once, as on one device, so there are no replicas' weights to "
-            "average every few steps. Use sync_period=1 (synchronous training). "
-            f"Received: sync_period={strategy.sync_period}"
-        )
-    if isinstance(strategy, comm.Sharded) or getattr(strategy, "gradient_dtype",
-                                                     "float32") != "float32":
-        raise ValueError(
-            f"The model {template.name!r} overrides {steps}: its step calls each optimizer "
-            "itself, once, on whole gradients, so the optimizer state cannot be sharded nor "
-            "the gradients sent in 16 bits. Use optimizer_state='full' and "
-            "gradient_dtype='float32'. Received: optimizer_state="
-            f"{'sharded' if isinstance(strategy, comm.Sharded) else 'full'!r}, "
-            f"gradient_dtype={getattr(strategy, 'gradient_dtype', 'float32')!r}"
-        )
-    if workers.num_workers > 1:
-        raise ValueError(
-            f"The model {template.name!r} overrides {steps}, which kerasmgpu runs on the "
-            "devices of one machine; a TF_CONFIG cluster of several workers is not supported "
-            "for such models yet. Train it on one machine. "
-            f"Received: a cluster of {workers.num_workers} workers"
-        )
-    if synchronizer.layers:
-        names = ", ".join(repr(layer.name) for layer in synchronizer.layers[:3])
-        raise ValueError(
-            f"The model {template.name!r} overrides {steps} and has synchronized "
-            f"BatchNormalization layers ({names}); synchronized statistics are not "
-            "supported inside a custom step yet. Use sync_batchnorm=False and layers built "
-            "with synchronized=False (each replica then normalises its slice), or train "
-            "unwrapped. Received: sync_batchnorm or BatchNormalization(synchronized=True)"
-        )
 
 
 def multi_gpu_model(model, gpus=None, cpu_merge=True, cpu_relocation=False,

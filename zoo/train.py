@@ -27,6 +27,10 @@ sharded: each worker reads only its own files and the test split's 1/W, in local
 of batch_size / W (`kerasmgpu.cluster.shard`). The order of the samples is then a seeded
 shuffle of each worker's files, and a resumed run continues from the last backed-up epoch
 with a freshly shuffled epoch (not the exact stream an uninterrupted run would have seen).
+
+One module on purpose (about 600 lines): `python -m zoo.train` reads top to bottom as
+the tutorial's training script does (arguments, data, model, wrap, fit, save), with its
+checks of what must not be lost (a finished run, a missing --resume folder).
 """
 
 import argparse

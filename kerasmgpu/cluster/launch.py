@@ -70,6 +70,11 @@ script unchanged, with the same cluster list and its own index. On host 0:
 and on host 1 the same with `"index": 1`. Worker 0 is the chief (it alone writes files).
 Kubernetes' TFJob (Kubeflow) writes such a TF_CONFIG in every pod, with a `chief` task:
 the chief and the workers train as peers, the chief first, and the chief alone writes.
+
+One module on purpose (about 800 lines, much of it the command's documentation and
+flags): the layouts of one machine, several nodes and a Slurm step all end in the same
+`launch()`; the processes are in `supervise`, this machine's facts in `machine`, the
+KerasTuner mode in `tuner`.
 """
 
 import argparse

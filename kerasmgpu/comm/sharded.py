@@ -189,6 +189,8 @@ class Sharded(replicated.Replicated):
             the update itself is in the variables' dtype.
     """
 
+    shards_optimizer_state = True  # a custom train_step cannot run with it
+
     optimizer_state = "sharded"
 
     def __init__(self, devices, bucket_bytes=collective.DEFAULT_BUCKET_BYTES, collectives=None,

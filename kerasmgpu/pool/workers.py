@@ -20,6 +20,10 @@ A worker that dies (killed, out of memory) breaks a `ProcessPoolExecutor`: its u
 tasks fail and its other workers are stopped. The pool then starts fresh workers and
 submits the unfinished tasks again; a task whose own worker died under it is run again at
 most `retries` times, then fails.
+
+One module on purpose (about 640 lines): the pool's parent side (scheduling, retries,
+restarts) and its workers' side (loading the data once, running tasks) speak one small
+protocol that reads best in one place; pinning a process to a device is in `pinning`.
 """
 
 import collections
