@@ -77,6 +77,13 @@ class Synchronizer:
         self.layers = list(layers)
         self.workers = workers
 
+    def prepare(self, devices):
+        """Eagerly, before a step is traced: the ordering tokens of the replicas'
+        collectives (created during the trace, they would make TensorFlow trace the
+        step a second time)."""
+        if self.layers:
+            collective.ordering_tokens(list(devices))
+
     def step(self, devices, training):
         """The group of the replicas on `devices` for one traced step (a no-op if nothing
         is synchronized, not training, or a single replica in all)."""

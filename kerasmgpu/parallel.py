@@ -515,6 +515,13 @@ class ParallelModel(trainer.TemplateTrainer):
 
     def make_train_function(self, force=False):
         self._comm.prepare(self.template, self.optimizer)  # eager: replica copies
+        self._batchnorm.prepare(self._replica_devices)
+        if not self._custom_steps and self.optimizer is not None and not self.optimizer.built:
+            # Built now, eagerly, as Keras builds it under a distribution strategy. Left
+            # to the first step, the optimizer would create its variables while the step
+            # is traced, and TensorFlow traces a function that created variables a second
+            # time: the whole step traced twice (docs/replica_program.md, first epoch).
+            self.optimizer.build(self.template.trainable_variables)
         return super().make_train_function(force=force)
 
     def train_on_batch(self, *args, **kwargs):

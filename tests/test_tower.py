@@ -47,6 +47,21 @@ def test_the_replica_program_is_traced_once_whatever_the_number_of_devices(devic
     assert parallel.replica_program(training=False).traces == 1
 
 
+
+def test_fit_traces_its_step_once_with_an_optimizer_that_has_state():
+    """Adam's slots are built before the step is traced: built during the trace, they
+    would make TensorFlow trace the whole step (every replica) a second time."""
+    parallel = kerasmgpu.multi_gpu_model(_convnet(), gpus=2)
+    parallel.compile("adam", "sparse_categorical_crossentropy", jit_compile=False)
+    traced = []
+    step = parallel.train_step
+    parallel.train_step = lambda data: traced.append(1) or step(data)
+    x, y = _data(samples=11)
+    parallel.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert len(traced) == 1
+    assert parallel.replica_program(training=True).traces == 1
+    assert len(parallel.optimizer.variables) > 2  # slots for every weight, as Keras builds
+
 def test_synchronized_batchnorm_traces_each_replica():
     """The one case that cannot share a program (see kerasmgpu.tower)."""
     inputs = keras.Input((4,))
