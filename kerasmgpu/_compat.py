@@ -30,6 +30,9 @@ TensorFlow 2.21). When an upgrade breaks one, this is the file to fix.
   cross-device transfer (`measure_traffic`); TF2 has no public run-metadata API.
 - `FuncGraph._functions`, `is_control_flow_graph`, `outer_graph`: the graphs nested in a
   step, and the step around a branch (collective keys that match across branches).
+- `Trainer._maybe_symbolic_build`, `_compile_metrics`, `_compile_loss`, the epoch
+  iterator's `_get_iterator`, `backend.compute_output_spec`: build compiled metrics
+  before a step is traced (built in the trace, they make TensorFlow trace it twice).
 - `keras.src.trainers.trainer.model_supports_jit`: resolve `jit_compile="auto"` for each
   replica's program as Keras resolves it for one device.
 - `Dataset._as_serialized_graph`, `_AutoShardDataset`: which ops a tf.data pipeline runs,
@@ -341,3 +344,56 @@ def model_supports_jit(model):
     from keras.src.trainers.trainer import model_supports_jit as supports
 
     return supports(model)
+
+
+def build_metrics_before_tracing(model, template, iterator=None, data_batch=None):
+    """Build `model`'s compiled metrics and loss from the shapes of its input, eagerly.
+
+    Keras calls `model._maybe_symbolic_build(iterator=..., data_batch=...)` before it
+    traces a step. On TensorFlow without a distribution strategy it leaves the building
+    to the first trace, where the metrics' new variables make TensorFlow trace the whole
+    step a second time (for a wrapped model: every replica again). This builds them from
+    the input's shapes instead: the dataset's element spec (nothing is read from it) or
+    the batch given, and the template's output spec. Does nothing (Keras builds them in
+    the trace, as before) when they are built or the input's spec is not plain tensors.
+    """
+    # private: Trainer._maybe_symbolic_build is that hook, _compile_metrics and
+    # _compile_loss are where compile() keeps them, and the epoch iterator's
+    # `_get_iterator()` is the dataset it will iterate; keras.src.backend's
+    # compute_output_spec is the symbolic call Keras' own _symbolic_build makes.
+    import keras
+    import tensorflow as tf
+    from keras import tree
+    from keras.src import backend
+
+    unbuilt = [
+        c for c in (getattr(model, "_compile_metrics", None), getattr(model, "_compile_loss", None))
+        if c is not None and not c.built
+    ]
+    if not unbuilt:
+        return
+    if data_batch is None:
+        dataset = iterator._get_iterator() if iterator is not None else None
+        spec = getattr(dataset, "element_spec", None)
+    else:
+        spec = tree.map_structure(
+            lambda v: None if v is None else tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)),
+            data_batch,
+        )
+    leaves = tree.flatten(spec) if spec is not None else []
+    if not leaves or not all(type(s) is tf.TensorSpec for s in leaves):
+        return
+
+    def symbolic(s):
+        if s is None:
+            return None
+        return keras.KerasTensor((None,) + tuple(s.shape)[1:], s.dtype.name)
+
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+        tree.map_structure(symbolic, spec)
+    )
+    if y is None:
+        return
+    y_pred = backend.compute_output_spec(template, x, training=False)
+    for compiled in unbuilt:
+        compiled.build(y, y_pred)

@@ -513,6 +513,12 @@ class ParallelModel(trainer.TemplateTrainer):
             self._comm.prepare(self.template, self.optimizer)
         return self._comm.loading_optimizer(self.template)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' hook before fit, evaluate and *_on_batch trace a step (see _compat).
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if not self._custom_steps:
+            _compat.build_metrics_before_tracing(self, self.template, iterator, data_batch)
+
     def make_train_function(self, force=False):
         self._comm.prepare(self.template, self.optimizer)  # eager: replica copies
         self._batchnorm.prepare(self._replica_devices)

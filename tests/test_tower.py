@@ -48,19 +48,32 @@ def test_the_replica_program_is_traced_once_whatever_the_number_of_devices(devic
 
 
 
-def test_fit_traces_its_step_once_with_an_optimizer_that_has_state():
-    """Adam's slots are built before the step is traced: built during the trace, they
-    would make TensorFlow trace the whole step (every replica) a second time."""
+@pytest.mark.parametrize("data", ["arrays", "dataset"])
+def test_fit_traces_its_step_once_with_optimizer_state_and_metrics(data):
+    """Adam's slots and the compiled metrics are built before the step is traced: built
+    during the trace, their variables would make TensorFlow trace the whole step (every
+    replica) a second time. The metrics still equal one device's."""
+    x, y = _data(samples=11)
+    inputs = (x, y) if data == "arrays" else (
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(8),)
+    batching = {"batch_size": 8} if data == "arrays" else {}
+    expected = _convnet()
+    expected.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    expected_history = expected.fit(*inputs, epochs=1, shuffle=False, verbose=0, **batching)
+
     parallel = kerasmgpu.multi_gpu_model(_convnet(), gpus=2)
-    parallel.compile("adam", "sparse_categorical_crossentropy", jit_compile=False)
+    parallel.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"],
+                     jit_compile=False)
     traced = []
     step = parallel.train_step
     parallel.train_step = lambda data: traced.append(1) or step(data)
-    x, y = _data(samples=11)
-    parallel.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    history = parallel.fit(*inputs, epochs=1, shuffle=False, verbose=0, **batching)
     assert len(traced) == 1
     assert parallel.replica_program(training=True).traces == 1
     assert len(parallel.optimizer.variables) > 2  # slots for every weight, as Keras builds
+    for name in ("loss", "accuracy"):
+        np.testing.assert_allclose(history.history[name], expected_history.history[name],
+                                   rtol=1e-5)
 
 def test_synchronized_batchnorm_traces_each_replica():
     """The one case that cannot share a program (see kerasmgpu.tower)."""
