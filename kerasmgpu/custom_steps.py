@@ -10,7 +10,10 @@ it — `self(x)`, `self.generator(z)`, `self.discriminator(x)`, `self.encoder(x)
 
 1. the call's inputs are cut into the replicas' contiguous slices on the host;
 2. replica i runs the model's forward pass on its slice on device i, statelessly (state
-   updates returned; random seeds offset by i, as in the standard step);
+   updates returned; random seeds offset by i, as in the standard step). That forward
+   pass is one `tower.ReplicaProgram` per model and call arguments (`training=...`),
+   traced once per input signature and called on every replica's device, as in the
+   standard step: tracing does not grow with the number of devices;
 3. the outputs are concatenated on the merge device, so the step sees the call's
    whole-batch result; non-trainable state (BatchNormalization moving statistics) gets one
    share-weighted update;
@@ -44,6 +47,7 @@ from keras import tree
 
 from kerasmgpu import _compat, slicing, trainer
 from kerasmgpu import devices as devices_lib
+from kerasmgpu import tower as tower_lib
 
 STEPS = ("train_step", "test_step", "predict_step")
 
@@ -119,6 +123,33 @@ class SlicedCalls:
         self.comm = comm
         self.seed_offset = seed_offset
         self._local = threading.local()
+        # (id(model), the call's extra arguments) -> the tower.ReplicaProgram every
+        # replica of such a call runs.
+        self._programs = {}
+
+    @property
+    def programs(self):
+        """The replica programs of the sliced calls so far, one per model and call
+        arguments (each `traces` once per input signature, whatever the number of
+        devices)."""
+        return list(self._programs.values())
+
+    def program(self, model, args, kwargs):
+        """The program replicas run for `model(inputs, *args, **kwargs)`, made on first use.
+
+        None when the extra arguments are not all Python values (a tensor passed beside
+        the inputs): such a call is traced per replica, inline, as before.
+        """
+        leaves = tree.flatten([list(args), dict(kwargs)])
+        if not all(leaf is None or isinstance(leaf, (bool, int, float, str)) for leaf in leaves):
+            return None
+        key = (id(model), repr((tuple(args), sorted(kwargs.items()))))
+        if key not in self._programs:
+            self._programs[key] = tower_lib.ReplicaProgram(
+                model, bool(kwargs.get("training", False)), call_args=args,
+                call_kwargs=kwargs, scope=self._inside_replica,
+            )
+        return self._programs[key]
 
     # ------------------------------------------------------------ interception
     @property
@@ -192,6 +223,7 @@ class SlicedCalls:
         state = list(model.non_trainable_variables)
         values = [tf.convert_to_tensor(v.value) for v in trainable]
         copies = self._copies()
+        program = self.program(model, args, kwargs)
         replicas = []
         for i, part in enumerate(parts):
             with tf.device(self.devices[i]), tf.name_scope(f"replica_{i}"):
@@ -203,7 +235,7 @@ class SlicedCalls:
                     local = [
                         tf.convert_to_tensor(copies[i].get(id(v), v).value) for v in trainable
                     ]
-                replica = _Replica(self, model, i, args, kwargs, trainable, state)
+                replica = _Replica(self, model, i, args, kwargs, trainable, state, program)
                 replica.run(part, values, local, state_in)
             replicas.append(replica)
         with tf.device(self.merge_device), tf.name_scope("merge_call"):
@@ -259,16 +291,24 @@ class SlicedCalls:
 class _Replica:
     """One replica's part of a sliced call: its forward pass and its backward function."""
 
-    def __init__(self, calls, model, index, args, kwargs, trainable, state):
+    def __init__(self, calls, model, index, args, kwargs, trainable, state, program=None):
         self.calls = calls
         self.model = model
         self.index = index
         self.device = calls.devices[index]
         self.args, self.kwargs = args, kwargs
         self.trainable, self.state = trainable, state
+        self.program = program
 
     def forward(self, inputs, values, state_in):
-        """The model on this slice, with `values` for its weights; (outputs, state after)."""
+        """The model on this slice, with `values` for its weights; (outputs, state after).
+
+        Through the call's replica program (traced once for all replicas, called here on
+        this replica's device), or traced inline when the call has none.
+        """
+        if self.program is not None:
+            outputs, state_out, _ = self.program(inputs, values, state_in)
+            return outputs, state_out
         mapping = list(zip(self.trainable, values)) + list(zip(self.state, state_in))
         with keras.StatelessScope(state_mapping=mapping) as scope, self.calls._inside_replica():
             outputs = self.model(inputs, *self.args, **self.kwargs)

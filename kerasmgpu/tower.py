@@ -24,6 +24,11 @@ With `jit_compile=True` the program is compiled by XLA for the device it is call
 once per device kind and input shape: one XLA program per replica, never one program
 across devices (the merge, the loss, the all-reduce and the update stay outside).
 
+A template with its own train_step runs the same class for each sliced model call
+(`kerasmgpu.custom_steps`): one program per model and call arguments, with the call's
+Python arguments (`training=True`) traced in and the sliced-call context entered while it
+is traced, so models called inside are part of the replica.
+
 One case cannot share a program: synchronized BatchNormalization, whose replicas meet in
 collectives keyed and placed per replica and whose replica 0 alone sums across workers.
 There the step calls `run_inline` instead (traced per replica, as before; no XLA).
@@ -43,6 +48,8 @@ with tf.device(devices[i]):
 ```
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 from keras import tree
@@ -54,7 +61,8 @@ class ReplicaProgram:
     """The template's forward pass for one replica, traced once and called per device.
 
     Args:
-        model: the template (a built `keras.Model`).
+        model: the model the replica runs (a built `keras.Model`): the template, or in a
+            custom step the model a sliced call calls (a generator, a discriminator).
         training: run the layers in training mode (dropout, batch statistics).
         jit_compile: compile the program with XLA, for the device it is called on.
         noinline: keep the program a function call in the step's graph instead of
@@ -63,6 +71,13 @@ class ReplicaProgram:
             program made the steady-state step about 2x slower and saved no clear time in
             the first one, and inlined bodies let all-reduces start while the backward
             pass still runs. XLA programs are never inlined.
+        call_args, call_kwargs: the call's arguments after its inputs, Python values
+            traced into the program (`model(inputs, *call_args, **call_kwargs)`); by
+            default `training=training` alone, as `fit` calls a model. A different call
+            is a different program.
+        scope: a function returning a context manager entered around the model call while
+            it is traced (a custom step's sliced calls: models called inside are part of
+            the replica, not sliced again).
 
     Attributes:
         traces: how many times the program was traced in Python: once per input
@@ -79,9 +94,15 @@ class ReplicaProgram:
     ```
     """
 
-    def __init__(self, model, training, jit_compile=False, noinline=False):
+    def __init__(self, model, training, jit_compile=False, noinline=False, call_args=(),
+                 call_kwargs=None, scope=None):
         self.model = model
         self.training = bool(training)
+        self.call_args = tuple(call_args)
+        self.call_kwargs = (
+            {"training": self.training} if call_kwargs is None else dict(call_kwargs)
+        )
+        self._scope = scope or contextlib.nullcontext
         self.jit_compile = bool(jit_compile)
         self.noinline = bool(noinline) and not self.jit_compile
         self.traces = 0
@@ -156,10 +177,11 @@ class ReplicaProgram:
         model = self.model
         mapping = list(zip(model.trainable_variables, trainable_values))
         mapping += list(zip(model.non_trainable_variables, state_values))
-        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope, \
+                self._scope():
             # Through __call__, as fit calls a model: `training` goes to the layers
             # whose call takes it (and only there), masks propagate.
-            outputs = model(inputs, training=self.training)
+            outputs = model(inputs, *self.call_args, **self.call_kwargs)
             losses = list(scope.losses)
         # Function outputs are new tensors: state the call did not write is returned as
         # None, and the caller's own tensor stands for it, so "nothing changed" can still

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import kerasmgpu
 from tests import custom_step_models as models
+from tests.helpers import placed_ops
 
 RNG = np.random.default_rng(7)
 X = RNG.normal(size=(39, 6)).astype("float32")
@@ -208,29 +209,24 @@ def _traced_gan_step(gpus, variables="central"):
     return gan, tf.function(parallel.train_step).get_concrete_function(signature)
 
 
-def _nodes(concrete):
-    graph_def = concrete.graph.as_graph_def()
-    nodes = list(graph_def.node)
-    for function in graph_def.library.function:
-        nodes.extend(function.node_def)
-    return nodes
-
-
 def _device(node):
     return node.device.split("device:")[-1] if node.device else "(unplaced)"
 
 
 def test_each_sliced_call_runs_forward_and_backward_on_every_replica_device():
     _, concrete = _traced_gan_step([1, 3])
-    nodes = _nodes(concrete)
+    # Every op through the calls that reach it (the replica programs, their backward
+    # functions), on the device it runs on.
+    nodes = placed_ops(concrete.graph.as_graph_def())
     for i, device in enumerate(["CPU:1", "CPU:3"]):
-        replica = [n for n in nodes if f"/replica_{i}/" in n.name]
         # Forward: the discriminator's and the generator's convolutions.
-        forward = {(n.name.split("/")[0].rstrip("_0123456789"), _device(n)) for n in replica
-                   if n.op == "Conv2D" and "gradient_tape" not in n.name}
+        forward = {(n.name.split("/")[0].rstrip("_0123456789"), _device(n)) for n in nodes
+                   if n.op == "Conv2D" and not n.backward and f"/replica_{i}/" in n.name}
         assert forward == {("discriminator", device), ("generator", device)}, forward
-        # Backward: the gradient tape's convolution gradients, both models.
-        backward = {(n.op, _device(n)) for n in replica if "gradient_tape" in n.name
+        # Backward: the convolution gradients of both models (the replica's gradient
+        # function, or its program's backward function called there).
+        backward = {(n.op, _device(n)) for n in nodes if n.backward
+                    and (f"replica_{i}_backward" in n.name or f"/replica_{i}/" in n.name)
                     and n.op in ("Conv2DBackpropFilter", "Conv2DBackpropInput")}
         assert backward == {("Conv2DBackpropFilter", device),
                             ("Conv2DBackpropInput", device)}, backward
@@ -250,6 +246,43 @@ def test_no_template_variable_gets_a_second_copy():
     assert len(concrete.graph.variables) == expected
     gan, concrete = _traced_gan_step(2, "replicated")
     assert len(concrete.graph.variables) == expected + len(gan.trainable_variables)
+
+
+# -------------------------------------------------------------------- tracing
+class _CountTraces(keras.layers.Layer):
+    """The identity, counting how many times its call runs in Python (is traced)."""
+
+    traced = 0
+
+    def call(self, x):
+        _CountTraces.traced += 1
+        return x
+
+
+def _counting_gan():
+    keras.utils.set_random_seed(3)
+    discriminator = keras.Sequential(
+        [keras.Input((6,)), _CountTraces(name="count"), keras.layers.Dense(1)], name="discriminator")
+    generator = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6)], name="generator")
+    return models.GAN(discriminator, generator, latent_dim=4)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_each_sliced_call_is_traced_once_whatever_the_number_of_devices(n):
+    parallel = kerasmgpu.multi_gpu_model(_counting_gan(), gpus=n)
+    models.compile_gan(parallel)
+    _CountTraces.traced = 0
+    # Batches of a size unknown at trace time (a batch size known then is a signature
+    # per slice size, two at most per call's batch size, as in the standard step).
+    parallel.fit(tf.data.Dataset.from_tensor_slices(X).batch(BATCH), epochs=2,
+                 shuffle=False, verbose=0)
+    # The step calls the discriminator twice and the generator twice, each sliced over
+    # n replicas: one program per model (and call arguments), traced once for every
+    # replica of both calls; traced inline, the discriminator's layers ran 2n times.
+    assert _CountTraces.traced == 1
+    traces = {p.model.name: p.traces for p in parallel._sliced_calls.programs}
+    assert traces == {"discriminator": 1, "generator": 1}
 
 
 # ----------------------------------------------------------- clear refusals
