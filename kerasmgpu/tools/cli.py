@@ -110,6 +110,12 @@ def start_tensorflow_quietly():
         try:
             import tensorflow as tf
 
+            import kerasmgpu
+
+            # The simulated devices and cluster the environment asks for, before the
+            # command's first tensor fixes TensorFlow's devices (the package defers this
+            # in the command-line process, so that --help never starts TensorFlow).
+            kerasmgpu._apply_environment()
             tf.config.list_physical_devices()
         except BaseException:
             os.dup2(saved, 2)

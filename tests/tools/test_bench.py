@@ -453,3 +453,24 @@ def test_a_model_with_its_own_train_step_is_fed_unlabelled_samples_of_its_input_
     uncompiled.input_spec = None
     with pytest.raises(UsageError, match="input_spec"):
         models.build_model(lambda: uncompiled, "gan")
+
+
+def test_the_command_line_process_gets_the_simulated_devices_it_was_given(tmp_path):
+    """The `kerasmgpu` process defers the environment (so --help starts no TensorFlow);
+    a command that runs TensorFlow still gets KERASMGPU_SIMULATED_DEVICES' devices,
+    without the 'called after TensorFlow initialised' warning."""
+    script = tmp_path / "kerasmgpu"  # what `_started_as_command_line` recognises
+    script.write_text(textwrap.dedent("""
+        from kerasmgpu.tools import cli
+        cli.start_tensorflow_quietly()
+        import tensorflow as tf
+        tf.constant(1.0)  # a command's first tensor
+        print(len(tf.config.list_logical_devices("CPU")))
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERASMGPU_")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", KERASMGPU_SIMULATED_DEVICES="3")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["3"]
+    assert "initialised its devices" not in result.stderr
