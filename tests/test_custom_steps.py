@@ -262,7 +262,9 @@ class _CountTraces(keras.layers.Layer):
 def _counting_gan():
     keras.utils.set_random_seed(3)
     discriminator = keras.Sequential(
-        [keras.Input((6,)), _CountTraces(name="count"), keras.layers.Dense(1)], name="discriminator")
+        [keras.Input((6,)), _CountTraces(name="count"), keras.layers.Dense(1)],
+        name="discriminator",
+    )
     generator = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dense(6)], name="generator")
     return models.GAN(discriminator, generator, latent_dim=4)
