@@ -4,7 +4,9 @@ Usage: python tune_script.py DIRECTORY EVENTS MODE, MODE one of
 - "search": 6 trials;
 - "kill": the same, but tuner0 kills itself (SIGKILL) in the middle of its second trial,
   once (a marker file in DIRECTORY remembers it);
-- "fail": every model fails to build.
+- "fail": every trial's model fails to build (the first builds, which every process makes
+  to learn the search space before searching, succeed: the chief keeps serving and the
+  tuner workers fail, each after KerasTuner's consecutive failed trials).
 Each trial's start and end are appended to EVENTS as JSON lines.
 """
 
@@ -47,8 +49,11 @@ class Trace(keras.callbacks.Callback):
         log("end")
 
 
+searching = False
+
+
 def build(hp):
-    if mode == "fail":
+    if mode == "fail" and searching:
         raise ValueError("this model refuses to build")
     model = keras.Sequential([
         keras.Input((8,)),
@@ -65,6 +70,7 @@ x = rng.normal(size=(400, 8)).astype("float32")
 y = np.argmax(x[:, :3], axis=1)
 tuner = keras_tuner.RandomSearch(build, objective="val_accuracy", max_trials=6, seed=0,
                                  directory=directory, project_name="search")
+searching = True
 tuner.search(x, y, epochs=3, batch_size=32, validation_split=0.25, callbacks=[Trace()],
              verbose=0)
 if tuner_id == "chief":
