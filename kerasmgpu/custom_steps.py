@@ -39,6 +39,7 @@ asks for those) and summed by TensorFlow's gradient aggregation.
 """
 
 import contextlib
+import inspect
 import threading
 
 import keras
@@ -86,6 +87,12 @@ def check_built(model):
         )
 
 
+def compile_takes(model, argument):
+    """Whether `model.compile` takes `argument` (Keras' does; a GAN's own may not)."""
+    parameters = inspect.signature(model.compile).parameters.values()
+    return any(p.name == argument or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def find_optimizers(model, *others):
     """`others` and every distinct optimizer `model` holds (a GAN's d_ and g_optimizer)."""
     found = []
@@ -126,6 +133,14 @@ class SlicedCalls:
         # (id(model), the call's extra arguments) -> the tower.ReplicaProgram every
         # replica of such a call runs.
         self._programs = {}
+        self.jit_compile = False
+
+    def compile_programs(self, jit_compile):
+        """Compile (or not) every sliced call's replica program with XLA for its device,
+        from the next step traced on (set by the wrapper's compile)."""
+        if bool(jit_compile) != self.jit_compile:
+            self.jit_compile = bool(jit_compile)
+            self._programs = {}
 
     @property
     def programs(self):
@@ -146,8 +161,8 @@ class SlicedCalls:
         key = (id(model), repr((tuple(args), sorted(kwargs.items()))))
         if key not in self._programs:
             self._programs[key] = tower_lib.ReplicaProgram(
-                model, bool(kwargs.get("training", False)), call_args=args,
-                call_kwargs=kwargs, scope=self._inside_replica,
+                model, bool(kwargs.get("training", False)), jit_compile=self.jit_compile,
+                call_args=args, call_kwargs=kwargs, scope=self._inside_replica,
             )
         return self._programs[key]
 

@@ -247,25 +247,35 @@ class ParallelModel(trainer.TemplateTrainer):
             super().compile(*args, **kwargs)
             self._comm.compiled(self.optimizer)  # e.g. sharded state: supported optimizers
             return None
-        if kwargs.get("jit_compile") is True and self._device_count() > 1:
-            raise ValueError(
-                "jit_compile=True is not supported with more than one device: XLA would "
-                f"compile the work of all {self._device_count()} devices into one program "
-                "for one device. Use jit_compile=False or 'auto'. "
-                f"Received: jit_compile={kwargs['jit_compile']!r}"
-            )
+        # `jit_compile` is the wrapper's: with several devices it compiles each sliced
+        # call's replica program for its device, never the step. The template's own
+        # compile gets it only when it takes it (a keras.io GAN's compile does not).
+        jit_compile = kwargs.pop("jit_compile", "auto")
+        trainer.check_jit_compile(jit_compile)
+        if custom_steps.compile_takes(self.template, "jit_compile"):
+            kwargs["jit_compile"] = jit_compile if self._device_count() == 1 else False
         self.template.compile(*args, **kwargs)
-        self._compile_like_template()
+        self._compile_like_template(jit_compile)
         return None
 
-    def _compile_like_template(self):
-        """Compile the wrapper for fit/evaluate as the template was compiled."""
+    def _compile_like_template(self, jit_compile=None):
+        """Compile the wrapper for fit/evaluate as the template was compiled.
+
+        `jit_compile`: what the user asked of the wrapper's compile (None: a template
+        compiled before wrapping, whose own resolved `jit_compile` is taken).
+        """
         template = self.template
-        jit_compile = False if self._device_count() > 1 else getattr(
-            template, "jit_compile", False)
+        run_eagerly = getattr(template, "run_eagerly", False)
+        if jit_compile is None:
+            jit_compile = getattr(template, "jit_compile", False)
+        if self._device_count() > 1:
+            self._per_device_jit = self._resolve_per_device_jit(
+                "auto" if jit_compile is None else jit_compile, run_eagerly
+            )
+            self._sliced_calls.compile_programs(self._per_device_jit)
+            jit_compile = False
         keras.Model.compile(
-            self, optimizer=template.optimizer or "rmsprop",
-            run_eagerly=getattr(template, "run_eagerly", False),
+            self, optimizer=template.optimizer or "rmsprop", run_eagerly=run_eagerly,
             steps_per_execution=getattr(template, "steps_per_execution", 1),
             jit_compile=jit_compile,
         )

@@ -91,11 +91,7 @@ class TemplateTrainer(keras.Model):
         The template is compiled with the same optimizer object, loss and metrics, so
         that a saved template carries the training configuration and optimizer state.
         """
-        if not (jit_compile in ("auto", None) or isinstance(jit_compile, bool)):
-            raise ValueError(
-                "jit_compile must be True, False or 'auto'. "
-                f"Received: jit_compile={jit_compile!r}"
-            )
+        check_jit_compile(jit_compile)
         devices = self._device_count()
         if devices > 1:
             self._per_device_jit = self._resolve_per_device_jit(
@@ -343,3 +339,12 @@ class OptionalOutputs:
             items = iter(packed)
             unpacked.append([next(items) if flag else None for flag in present])
         return unpacked
+
+
+def check_jit_compile(jit_compile):
+    """Refuse a `jit_compile` that is not True, False, "auto" or None."""
+    if not (jit_compile in ("auto", None) or isinstance(jit_compile, bool)):
+        raise ValueError(
+            "jit_compile must be True, False or 'auto'. "
+            f"Received: jit_compile={jit_compile!r}"
+        )

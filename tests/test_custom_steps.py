@@ -5,12 +5,15 @@ on N = 2 and 3 devices, with 39 samples in batches of 13 (three steps; 13 divide
 neither N), and compares weights, fit's History and evaluate/predict results.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import kerasmgpu
+from kerasmgpu import _compat
 from tests import custom_step_models as models
 from tests.helpers import placed_ops
 
@@ -246,6 +249,78 @@ def test_no_template_variable_gets_a_second_copy():
     assert len(concrete.graph.variables) == expected
     gan, concrete = _traced_gan_step(2, "replicated")
     assert len(concrete.graph.variables) == expected + len(gan.trainable_variables)
+
+
+# ------------------------------------------------------------------------ XLA
+def _compile_basic_xla(model):
+    model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"], jit_compile=True)
+
+
+def _compile_gan_xla(model):
+    # A keras.io GAN's compile takes no jit_compile: the wrapper's does, for its replicas.
+    if isinstance(model, kerasmgpu.ParallelModel):
+        model.compile(d_optimizer=keras.optimizers.Adam(1e-3),
+                      g_optimizer=keras.optimizers.Adam(1e-3),
+                      loss_fn=keras.losses.BinaryCrossentropy(from_logits=True),
+                      jit_compile=True)
+    else:
+        models.compile_gan(model)
+
+
+def _compile_wgan_xla(model):
+    extra = {"jit_compile": True} if isinstance(model, kerasmgpu.ParallelModel) else {}
+    model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3), **extra)
+
+
+@pytest.mark.parametrize("make, compile_model, data", [
+    (_built(models.BasicTrainStep), _compile_basic_xla, (X, Y)),
+    (small_dcgan, _compile_gan_xla, (IMAGES,)),
+    (models.wgan_gp, _compile_wgan_xla, (X,)),
+], ids=["basic-vs-xla", "dcgan-vs-no-xla", "wgan-gp-vs-no-xla"])
+def test_xla_on_each_sliced_call_trains_as_on_one_device(make, compile_model, data):
+    # The reference is one device compiled as Keras compiles it: with XLA for the basic
+    # step. The GANs draw noise in their step, which the wrapper runs outside XLA (only
+    # the replica programs are compiled), and TensorFlow's stateless random ops give
+    # other numbers under XLA for the same seed; so their reference is one device
+    # without XLA, whose noise is the same.
+    reference, template, parallel, (expected, got) = _fit_pair(make, compile_model, data, 2)
+    assert parallel.replica_jit_compile is True and parallel.jit_compile is False
+    assert reference.jit_compile is (compile_model is _compile_basic_xla)
+    assert all(program.jit_compile for program in parallel._sliced_calls.programs)
+    assert _weights_difference(reference, template) <= TOLERANCE
+    assert _history_difference(expected, got) <= TOLERANCE
+
+
+def test_each_sliced_call_xla_program_and_its_backward_run_on_their_device():
+    gan = small_dcgan()
+    parallel = kerasmgpu.multi_gpu_model(gan, gpus=[1, 3])
+    _compile_gan_xla(parallel)
+    parallel.optimizer.build(parallel.trainable_variables)
+    for optimizer in (gan.d_optimizer, gan.g_optimizer):
+        optimizer.build(gan.trainable_variables)
+    step = tf.function(parallel.train_step)
+    data = tf.constant(IMAGES[:6])
+    step.get_concrete_function(data)
+    collected = []
+    with _compat.run_metadata(collected):
+        step(data)
+    # What ran: every call XLA must compile, by the replica it belongs to and its device.
+    compiled = sorted(
+        ("backward" if "_backward" in node.name else node.name.split("/")[0].rstrip("_0123456789"),
+         re.search(r"replica_(\d)", node.name).group(1), node.device.split("device:")[-1])
+        for function_graphs in collected[0].function_graphs
+        for partition in function_graphs.partition_graphs
+        for node in partition.node if node.attr["_XlaMustCompile"].b
+    )
+    # Per replica: the generator and the discriminator forward twice each (the
+    # discriminator step and the generator step), three backward passes (the
+    # discriminator's in its step; the discriminator's and the generator's in the
+    # generator step); each on that replica's device, nothing else compiled.
+    for replica, device in (("0", "CPU:1"), ("1", "CPU:3")):
+        mine = [(what, where) for what, index, where in compiled if index == replica]
+        assert mine == sorted([("backward", device)] * 3 + [("discriminator", device)] * 2
+                              + [("generator", device)] * 2), compiled
+    assert len(compiled) == 14, compiled
 
 
 # -------------------------------------------------------------------- tracing
