@@ -114,6 +114,9 @@ class SlicedCalls:
         merge_device: where the slices' outputs are concatenated.
         comm: the communication strategy (its `replica_variables` gives replica i's copy).
         seed_offset: the first replica's offset of random seed states (0 on one machine).
+        workers: the cluster (`kerasmgpu.cluster.worker.Cluster`) when the step runs on
+            several workers: each call is then split over every worker's devices
+            (`_AcrossWorkers`); None or one worker: this machine's devices.
 
     Example (inside `ParallelModel.train_step`):
 
@@ -123,8 +126,12 @@ class SlicedCalls:
     ```
     """
 
-    def __init__(self, template, devices, merge_device, comm, seed_offset=0):
+    def __init__(self, template, devices, merge_device, comm, seed_offset=0, workers=None):
         self.template = template
+        self.across = (
+            _AcrossWorkers(workers) if workers is not None and workers.num_workers > 1
+            else None
+        )
         self.devices = list(devices)
         self.merge_device = merge_device
         self.comm = comm
@@ -229,14 +236,19 @@ class SlicedCalls:
         training = bool(kwargs.get("training", False))
         static = slicing.static_batch_size(inputs)
         count = len(self.devices) if static is None else max(1, min(len(self.devices), static))
+        across = self.across
         with tf.device(devices_lib.host_device()), tf.name_scope("slice_call"):
             size = slicing.batch_size_of(inputs)
-            bounds = [None] if count == 1 else slicing.slice_bounds(size, count)
-            parts = [inputs if rows is None else slicing.rows_of(inputs, *rows)
+            mine = inputs if across is None else across.rows(inputs, size)
+            bounds = [None] if count == 1 else slicing.slice_bounds(
+                slicing.batch_size_of(mine), count)
+            parts = [mine if rows is None else slicing.rows_of(mine, *rows)
                      for rows in bounds]
         trainable = list(model.trainable_variables)
         state = list(model.non_trainable_variables)
         values = [tf.convert_to_tensor(v.value) for v in trainable]
+        if across is not None:
+            values = across.summing_gradients(values)
         copies = self._copies()
         program = self.program(model, args, kwargs)
         replicas = []
@@ -255,6 +267,8 @@ class SlicedCalls:
             replicas.append(replica)
         with tf.device(self.merge_device), tf.name_scope("merge_call"):
             outputs = slicing.merge_structures([r.outputs for r in replicas])
+            if across is not None:
+                outputs = across.gather(outputs, size)
         if training and state:
             self._update_state(state, replicas, size)
         return outputs
@@ -264,6 +278,15 @@ class SlicedCalls:
         combined = trainer.combine_state(
             state, [r.state_in for r in replicas], [r.state_out for r in replicas], shares
         )
+        if self.across is not None:
+            # Every worker's share-weighted statistics summed; seed states as the first
+            # replica of the cluster leaves them (this worker's first is offset).
+            combined = self.across.workers.combine_state(state, combined)
+            combined = [
+                value if value is None else trainer.offset_seeds(
+                    [variable], [value], -self.seed_offset)[0]
+                for variable, value in zip(state, combined)
+            ]
         for variable, value in zip(state, combined):
             if value is not None:
                 variable.assign(value)
@@ -413,6 +436,91 @@ class _Replica:
         )
 
 
+class _AcrossWorkers:
+    """A sliced call split over the workers of a cluster, with gradients kept whole.
+
+    Every worker runs the template's step identically, on the global batch (gathered
+    first with sharded input): the same noise, losses, metrics and updates. A model call
+    inside it runs this worker's rows of the call's batch (an even split over the
+    workers, `Cluster.call_rows`) on this worker's devices, and the outputs are gathered
+    from every worker, so the step sees the whole call's result everywhere.
+
+    What crosses between the global step and this worker's rows is differentiable, and
+    keeps every gradient the step can see whole and equal on every worker:
+
+    - taking this worker's rows: the gradient is every worker's rows' gradient,
+      gathered (a gradient with respect to a call's inputs, a gradient penalty's);
+    - gathering the outputs: the gradient is this worker's rows of the (whole) upstream;
+    - the weights a call reads: their gradient, this worker's replicas' share, is summed
+      over the workers (one all-reduce per call's backward pass), so the step's
+      `optimizer.apply` gets the whole gradient, as on one machine.
+
+    Each gradient is itself differentiable the same way (a gradient of a gradient, as in
+    WGAN-GP, crosses back), and the collectives are keyed in the order they are traced,
+    which is the same on every worker since every worker traces the same step.
+    """
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def rows(self, structure, size):
+        start, stop = self.workers.call_rows(size)
+        return tree.map_structure(
+            lambda t: self._rows(t, size) if _floating(t) else t[start:stop], structure
+        )
+
+    def _rows(self, tensor, size):
+        start, stop = self.workers.call_rows(size)
+
+        @tf.custom_gradient
+        def rows(whole):
+            return tf.identity(whole[start:stop]), lambda upstream: self._gather(upstream, size)
+
+        return rows(tensor)
+
+    def _gather(self, tensor, size):
+        @tf.custom_gradient
+        def gather(mine):
+            return (self.workers.gather_call(mine, size),
+                    lambda upstream: self._rows(upstream, size))
+
+        return gather(tensor)
+
+    def gather(self, structure, size):
+        """The call's outputs (with their Keras logits and masks) from every worker."""
+        def join(parts):
+            part = parts[0]
+            return self._gather(part, size) if _floating(part) else (
+                self.workers.gather_call(part, size))
+
+        return tree.map_structure(lambda leaf: slicing.join_leaf([leaf], join), structure)
+
+    def summing_gradients(self, values):
+        """`values` unchanged; their gradient summed over the workers."""
+        @tf.custom_gradient
+        def read(*tensors):
+            def backward(*upstream):
+                return self._summed(list(upstream))
+
+            return [tf.identity(t) for t in tensors], backward
+
+        return list(read(*values))
+
+    def _summed(self, tensors):
+        present = [t for t in tensors if t is not None]
+        if not present:
+            return list(tensors)
+
+        @tf.custom_gradient
+        def total(*parts):
+            # The sum is the same on every worker, and so is the gradient that reaches
+            # it: each worker's part gets it as it is.
+            return self.workers.all_reduce_sum(list(parts)), lambda *upstream: list(upstream)
+
+        summed = iter(total(*[tf.convert_to_tensor(t) for t in present]))
+        return [None if t is None else next(summed) for t in tensors]
+
+
 def _floating(tensor):
     return tensor.dtype.is_floating or tensor.dtype.is_complex
 
@@ -431,7 +539,7 @@ def _callable_models(template):
     ]
 
 
-def check_options(template, strategy, workers, synchronizer):
+def check_options(template, strategy, synchronizer):
     """Refuse, at wrap time, the options a template's own step cannot run with exactly."""
     steps = ", ".join(overridden_steps(template))
     if strategy.sync_period != 1:
@@ -450,13 +558,6 @@ def check_options(template, strategy, workers, synchronizer):
             "the gradients sent in 16 bits. Use optimizer_state='full' and "
             "gradient_dtype='float32'. Received: optimizer_state="
             f"{'sharded' if sharded else 'full'!r}, gradient_dtype={gradient_dtype!r}"
-        )
-    if workers.num_workers > 1:
-        raise ValueError(
-            f"The model {template.name!r} overrides {steps}, which kerasmgpu runs on the "
-            "devices of one machine; a TF_CONFIG cluster of several workers is not supported "
-            "for such models yet. Train it on one machine. "
-            f"Received: a cluster of {workers.num_workers} workers"
         )
     if synchronizer.layers:
         names = ", ".join(repr(layer.name) for layer in synchronizer.layers[:3])

@@ -140,10 +140,11 @@ class ParallelModel(trainer.TemplateTrainer):
         self._custom_steps = custom_steps.overridden_steps(template)
         self._sliced_calls = None
         if self._custom_steps:
-            custom_steps.check_options(template, self._comm, self._workers, self._batchnorm)
+            custom_steps.check_options(template, self._comm, self._batchnorm)
             self._sliced_calls = custom_steps.SlicedCalls(
                 template, self._replica_devices, self.merge_device, self._comm,
                 seed_offset=self._workers.worker_index * len(self._replica_devices),
+                workers=self._workers,
             )
             if template.compiled:
                 self._compile_like_template()
@@ -285,6 +286,10 @@ class ParallelModel(trainer.TemplateTrainer):
         training = step == "train_step"
         optimizers = custom_steps.find_optimizers(
             self.template, getattr(self, "optimizer", None)) if training else ()
+        if self._workers.num_workers > 1:
+            # Every worker runs the step on the global batch (with sharded input, every
+            # worker's batch, gathered in worker order); its calls split it again.
+            _, data, _, _, _ = self._workers.global_batch(data, None, None, needs_x=True)
         with self._sliced_calls.active(optimizers, copies=training):
             return getattr(self.template, step)(data)
 

@@ -44,6 +44,13 @@ class SingleMachine:
     def all_reduce_sum(self, tensors):
         return list(tensors)
 
+    def call_rows(self, size):
+        """This worker's rows of a model call's batch: all of them."""
+        return 0, size
+
+    def gather_call(self, tensor, size):
+        return tensor
+
     def combine_state(self, variables, values):
         return list(values)
 

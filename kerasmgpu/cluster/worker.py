@@ -497,15 +497,30 @@ class Cluster:
                 timeout_seconds=self.timeout_seconds,
             )
 
-    def _gather(self, tensor, global_size):
+    def _gather(self, tensor, global_size, bounds=None):
         """Concatenate every worker's rows, in worker order (their counts may differ)."""
-        bounds = self._bounds(global_size)
+        bounds = self._bounds(global_size) if bounds is None else bounds
         sizes = tf.stack([stop - start for start, stop in bounds])
         longest = tf.reduce_max(sizes)
         padding = [[0, longest - tf.shape(tensor)[0]]] + [[0, 0]] * (len(tensor.shape) - 1)
         gathered = self._all_gather(tf.pad(tensor, padding), key_extra=longest)
         keep = tf.reshape(tf.sequence_mask(sizes, longest), [-1])
         return tf.boolean_mask(gathered, keep)
+
+    def call_rows(self, size):
+        """(start, stop) of this worker's rows of a model call's batch of `size` rows.
+
+        A custom step's sliced calls split every call evenly over the workers (worker w
+        of W: slice_bounds(size, W)[w]), whatever the input mode: a call's batch need
+        not be the step's (a GAN's discriminator sees real and generated images).
+        """
+        return slicing.slice_bounds(tf.cast(size, tf.int32), self.num_workers)[
+            self.worker_index]
+
+    def gather_call(self, tensor, size):
+        """Every worker's `call_rows` of a call's output, concatenated in worker order."""
+        bounds = slicing.slice_bounds(tf.cast(size, tf.int32), self.num_workers)
+        return self._gather(tensor, size, bounds=bounds)
 
     def all_gather_counts(self, count):
         """Every worker's integer `count`, in worker order (eagerly, outside a step)."""

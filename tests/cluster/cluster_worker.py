@@ -5,7 +5,7 @@
         [--optimizer-state full|sharded] [--gradient-dtype float32|bfloat16|float16]
         [--cluster-all-reduce hierarchical|flat]
         [--records DIR [--local-batch L] [--x-loss]]
-        [--batchnorm] [--save PATH]
+        [--batchnorm] [--save PATH] [--gans]
 
 Trains the digits MLP through multi_gpu_model on the local devices and writes
 OUT_DIR/result_<worker>.npz (weights) and OUT_DIR/result_<worker>.json (history).
@@ -16,6 +16,9 @@ feeds the same global batches: every worker's local batch b, in worker order. Wi
 --x-loss the model's own compute_loss reads the inputs x (which sharded input gathers).
 With --save, `parallel.save(PATH)` after training (every worker calls it, the chief
 writes). With --batchnorm, an MLP with a synchronized BatchNormalization on 131 samples instead.
+With --gans, two models with their own train_step instead (the keras.io DCGAN on the
+digits as 8x8 images, and WGAN-GP, whose gradient penalty is a gradient of a gradient),
+written as result_<worker>.npz (dcgan_i, wgan_i) and .json (their histories).
 """
 
 import argparse
@@ -67,7 +70,10 @@ def main():
     parser.add_argument("--local-batch", type=int, default=32)
     parser.add_argument("--x-loss", action="store_true")
     parser.add_argument("--batchnorm", action="store_true")
+    parser.add_argument("--gans", action="store_true")
     args = parser.parse_args()
+    if args.gans:
+        return train_gans(args.out_dir)
 
     kerasmgpu.comm.CLUSTER_ALL_REDUCE = args.cluster_all_reduce
     keras.utils.set_random_seed(0)  # every worker shuffles the same way
@@ -107,6 +113,52 @@ def main():
     with open(os.path.join(args.out_dir, f"result_{name}.json"), "w") as f:
         json.dump({"history": history.history, "epochs_run": len(history.epoch),
                    "devices": parallel.devices, **record}, f)
+    print("finished", flush=True)
+
+
+def train_gans(out_dir):
+    """The DCGAN and WGAN-GP, 1 epoch each in global batches of 32, on every device there
+    is (with sharded input, each worker feeds its 16 rows of every global batch)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+    from tests import custom_step_models as models
+
+    (x, _), _ = zoo.datasets.load("digits", flatten=True)
+    images = (x[:96] / max(1.0, float(x.max()))).reshape(-1, 8, 8, 1).astype("float32")
+    features = np.random.default_rng(0).normal(size=(96, 6)).astype("float32")
+
+    def compile_wgan(model):
+        model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+
+    cluster = kerasmgpu.cluster.current()
+    batch = 32
+    if cluster is not None and cluster.sharded:
+        # Sharded input: each worker's batches are its half of every global batch.
+        batch, index = 16, cluster.worker_index
+
+        def shard(array):
+            return np.concatenate([array[start + index * batch: start + (index + 1) * batch]
+                                   for start in range(0, len(array), 2 * batch)])
+
+        images, features = shard(images), shard(features)
+    weights, histories = {}, {}
+    for name, make, compile_model, data in (
+        ("dcgan", lambda: models.dcgan(blocks=1), models.compile_gan, images),
+        ("wgan", models.wgan_gp, compile_wgan, features),
+    ):
+        keras.utils.set_random_seed(11)
+        model = make()
+        parallel = kerasmgpu.multi_gpu_model(model, gpus=len(kerasmgpu.visible_devices()))
+        compile_model(parallel)
+        history = parallel.fit(data, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        histories[name] = history.history
+        weights.update({f"{name}_{i}": w for i, w in enumerate(model.get_weights())})
+    name = "single" if cluster is None else str(cluster.worker_index)
+    np.savez(os.path.join(out_dir, f"result_{name}.npz"), **weights)
+    with open(os.path.join(out_dir, f"result_{name}.json"), "w") as f:
+        json.dump({"history": histories}, f)
     print("finished", flush=True)
 
 

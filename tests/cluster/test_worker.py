@@ -99,6 +99,32 @@ def test_synchronized_batchnorm_on_two_workers_equals_one_machine(tmp_path):
         np.testing.assert_allclose(a, c, atol=1e-5)
 
 
+@pytest.mark.parametrize("input_mode", ["global", "sharded"])
+def test_models_with_their_own_train_step_on_two_workers_equal_one_machine(tmp_path,
+                                                                           input_mode):
+    # The DCGAN (noise drawn in the step, two optimizers) and WGAN-GP (a gradient penalty:
+    # a gradient of a gradient through the sliced calls), each call split over the 4
+    # replicas of both workers. Sharded: each worker feeds half of every global batch,
+    # gathered before the step runs.
+    codes, outputs = _finish(_start_workers(tmp_path, 2, 2, "--gans",
+                                            KERASMGPU_INPUT=input_mode))
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    single = subprocess.run([sys.executable, WORKER, str(tmp_path), "--gans"],
+                            env=_environment(4), capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    results = [np.load(tmp_path / f"result_{n}.npz") for n in ("0", "1", "single")]
+    assert {key.split("_")[0] for key in results[2].files} == {"dcgan", "wgan"}
+    for key in results[2].files:
+        np.testing.assert_array_equal(results[0][key], results[1][key])
+        np.testing.assert_allclose(results[0][key], results[2][key], atol=1e-5)
+    logs = [json.loads((tmp_path / f"result_{n}.json").read_text())["history"]
+            for n in ("0", "1", "single")]
+    assert logs[0] == logs[1]
+    for model in ("dcgan", "wgan"):
+        for key, values in logs[2][model].items():
+            np.testing.assert_allclose(logs[0][model][key], values, atol=1e-5)
+
+
 def _records(directory, samples=1001, files=4):
     """The digits training samples as TFRecord files (zoo.records), for sharded input."""
     import zoo
