@@ -212,23 +212,34 @@ def _tensor_bytes(reference, nodes, shapes, dtype_enum):
         tensor = node.attr["value"].tensor
         elements = int(np.prod([d.size for d in tensor.tensor_shape.dim]))
         return elements * tf.as_dtype(tensor.dtype).size
-    if name in shapes and index < len(shapes[name]):
-        shape, traced_dtype = shapes[name][index]
-        if shape.is_fully_defined():
-            return int(shape.num_elements()) * (dtype or traced_dtype).size
+    traced = _traced_shape(name, index, shapes)
+    if traced is not None:
+        return int(traced[0].num_elements()) * (dtype or traced[1]).size
     if node is not None and node.op in ("Identity", "IdentityN") and node.input:
         return _tensor_bytes(node.input[0], nodes, shapes, dtype_enum)
-    for suffix_length in range(1, name.count("/") + 1):
-        # Inlined functions prefix their ops' names (e.g. "cond/then/_3/...").
-        tail = name.split("/", suffix_length)[-1]
-        if tail in shapes and index < len(shapes[tail]):
-            shape, traced_dtype = shapes[tail][index]
-            if shape.is_fully_defined():
-                return int(shape.num_elements()) * (dtype or traced_dtype).size
+    if node is not None and node.op.endswith("BackpropFilterWithBias") and index == 1:
+        # Where TensorFlow uses oneDNN (Intel CPUs), a convolution's filter and bias
+        # gradients are fused into one op, not in the traced step: its second output is
+        # the bias gradient, one value per output channel (the filter's last dimension).
+        traced = _traced_shape(name, 0, shapes)
+        if traced is not None:
+            return int(traced[0][-1]) * (dtype or traced[1]).size
     raise ValueError(
         f"measure_traffic could not size the transferred tensor {reference!r}: its shape "
         "is unknown in the traced step."
     )
+
+
+def _traced_shape(name, index, shapes):
+    """(shape, dtype) of output `index` of the traced op `name`, when fully known."""
+    # Inlined functions prefix their ops' names (e.g. "cond/then/_3/..."): the name, then
+    # ever shorter tails of it.
+    for tail in [name] + [name.split("/", n)[-1] for n in range(1, name.count("/") + 1)]:
+        if tail in shapes and index < len(shapes[tail]):
+            shape, dtype = shapes[tail][index]
+            if shape.is_fully_defined():
+                return shape, dtype
+    return None
 
 
 def _const_int(node, position, nodes, what):
