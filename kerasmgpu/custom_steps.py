@@ -282,11 +282,7 @@ class SlicedCalls:
             # Every worker's share-weighted statistics summed; seed states as the first
             # replica of the cluster leaves them (this worker's first is offset).
             combined = self.across.workers.combine_state(state, combined)
-            combined = [
-                value if value is None else trainer.offset_seeds(
-                    [variable], [value], -self.seed_offset)[0]
-                for variable, value in zip(state, combined)
-            ]
+            combined = trainer.unoffset_seeds(state, combined, self.seed_offset)
         for variable, value in zip(state, combined):
             if value is not None:
                 variable.assign(value)

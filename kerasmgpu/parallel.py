@@ -509,10 +509,13 @@ class ParallelModel(trainer.TemplateTrainer):
         return gradients
 
     def _combine_state(self, towers, shares):
-        return trainer.combine_state(
-            self.template.non_trainable_variables,
-            [t.state_in for t in towers], [t.state_out for t in towers], shares,
+        variables = self.template.non_trainable_variables
+        combined = trainer.combine_state(
+            variables, [t.state_in for t in towers], [t.state_out for t in towers], shares,
         )
+        # On a cluster this worker's first replica drew from seeds offset by its index.
+        return trainer.unoffset_seeds(
+            variables, combined, self._workers.worker_index * len(self._replica_devices))
 
     def _writes_files(self):
         return self._workers.is_chief

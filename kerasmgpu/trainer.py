@@ -295,6 +295,19 @@ def offset_seeds(variables, values, index):
     return shifted
 
 
+def unoffset_seeds(variables, values, index):
+    """`values` with the seed states offset by `index` taken back (None stays None).
+
+    A combined update takes its seed states from the first replica of its worker, whose
+    seeds were offset by that replica's index in the cluster; taken back, every worker
+    keeps the seed states of the cluster's replica 0, as one machine does.
+    """
+    if not index:
+        return list(values)
+    return [value if value is None else offset_seeds([variable], [value], -index)[0]
+            for variable, value in zip(variables, values)]
+
+
 def sum_gradients(parts):
     """Sum the gradients of one variable (None when there are none), sparse kept sparse."""
     parts = [p for p in parts if p is not None]

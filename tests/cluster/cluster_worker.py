@@ -5,7 +5,7 @@
         [--optimizer-state full|sharded] [--gradient-dtype float32|bfloat16|float16]
         [--cluster-all-reduce hierarchical|flat]
         [--records DIR [--local-batch L] [--x-loss]]
-        [--batchnorm] [--save PATH] [--gans]
+        [--batchnorm] [--save PATH] [--gans] [--dropout RATE]
 
 Trains the digits MLP through multi_gpu_model on the local devices and writes
 OUT_DIR/result_<worker>.npz (weights) and OUT_DIR/result_<worker>.json (history).
@@ -71,6 +71,7 @@ def main():
     parser.add_argument("--x-loss", action="store_true")
     parser.add_argument("--batchnorm", action="store_true")
     parser.add_argument("--gans", action="store_true")
+    parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args()
     if args.gans:
         return train_gans(args.out_dir)
@@ -78,7 +79,8 @@ def main():
     kerasmgpu.comm.CLUSTER_ALL_REDUCE = args.cluster_all_reduce
     keras.utils.set_random_seed(0)  # every worker shuffles the same way
     (x, y), _ = zoo.datasets.load("digits", flatten=True)
-    model = zoo.mlp(64, 2, "relu", "sgd", input_dim=x.shape[1], num_classes=10, dropout=0.0)
+    model = zoo.mlp(64, 2, "relu", "sgd", input_dim=x.shape[1], num_classes=10,
+                      dropout=args.dropout)
     if args.batchnorm:
         x, y, model = x[:131], y[:131], batchnorm_mlp(x.shape[1])
     if args.x_loss:

@@ -61,10 +61,12 @@ def _weights(path):
 
 
 def test_two_workers_train_like_one_machine_with_all_their_devices(tmp_path):
-    codes, outputs = _finish(_start_workers(tmp_path, 2, 2))
+    # With dropout: replica r of the cluster (worker r // 2, device r % 2) draws the masks
+    # replica r of one machine draws, every step.
+    codes, outputs = _finish(_start_workers(tmp_path, 2, 2, "--dropout", "0.3"))
     assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    single = subprocess.run([sys.executable, WORKER, str(tmp_path)], env=_environment(4),
-                            capture_output=True, text=True, timeout=240)
+    single = subprocess.run([sys.executable, WORKER, str(tmp_path), "--dropout", "0.3"],
+                            env=_environment(4), capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-3000:]
 
     worker_0, worker_1 = _weights(tmp_path / "result_0.npz"), _weights(tmp_path / "result_1.npz")
