@@ -271,7 +271,25 @@ class SlicedCalls:
                 outputs = across.gather(outputs, size)
         if training and state:
             self._update_state(state, replicas, size)
+        self._add_losses(model, replicas, size)
         return outputs
+
+    def _add_losses(self, model, replicas, size):
+        """The losses the replicas' layers added, as one loss of the call, on `model`.
+
+        Each slice's loss weighted by its share of the call's batch (Keras divides an
+        activity regularization by the batch size of its call), summed: the whole
+        batch's loss, added where a call on one device adds it, so `model.losses` (and
+        `compute_loss`) reads it after the call, as on one device.
+        """
+        if not any(r.losses for r in replicas):
+            return
+        shares = trainer.batch_shares([r.size for r in replicas], size)
+        with tf.device(self.merge_device), tf.name_scope("merge_losses"):
+            total = tf.add_n(trainer.weigh_by_share([r.losses for r in replicas], shares))
+            if self.across is not None:
+                total = self.across.summed(total)
+        model.add_loss(total)
 
     def _update_state(self, state, replicas, size):
         shares = trainer.batch_shares([r.size for r in replicas], size)
@@ -335,22 +353,24 @@ class _Replica:
         self.program = program
 
     def forward(self, inputs, values, state_in):
-        """The model on this slice, with `values` for its weights; (outputs, state after).
+        """The model on this slice, with `values` for its weights.
 
         Through the call's replica program (traced once for all replicas, called here on
-        this replica's device), or traced inline when the call has none.
+        this replica's device), or traced inline when the call has none. Returns
+        `(outputs, state after, losses the layers added)`.
         """
         if self.program is not None:
-            outputs, state_out, _ = self.program(inputs, values, state_in)
-            return outputs, state_out
+            return self.program(inputs, values, state_in)
         mapping = list(zip(self.trainable, values)) + list(zip(self.state, state_in))
-        with keras.StatelessScope(state_mapping=mapping) as scope, self.calls._inside_replica():
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope, \
+                self.calls._inside_replica():
             outputs = self.model(inputs, *self.args, **self.kwargs)
+            losses = list(scope.losses)
         state_out = [
             given if scope.get_current_value(v) is None else scope.get_current_value(v)
             for v, given in zip(self.state, state_in)
         ]
-        return outputs, state_out
+        return outputs, state_out, losses
 
     def run(self, part, values, local_values, state_in):
         """Run the forward pass (on this device) as one differentiable operation.
@@ -375,14 +395,16 @@ class _Replica:
             differentiable = [_floating(t) for t in sources]
             with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
                 tape.watch([t for t, d in zip(sources, differentiable) if d])
-                outputs, state_out = replica.forward(
+                outputs, state_out, losses = replica.forward(
                     tree.pack_sequence_as(structure, inputs), local, given_state
                 )
             leaves, logits = _outputs_with_logits(outputs)
             replica.structure = outputs
             replica.state_out = state_out
             replica.has_logits = [t is not None for t in logits]
-            produced = leaves + [t for t in logits if t is not None]
+            # The losses the layers added (activity regularization, add_loss) are
+            # outputs too: the step's loss may read them, and differentiate them.
+            produced = leaves + [t for t in logits if t is not None] + list(losses)
 
             def backward(*upstream):
                 with tf.device(replica.device), tf.name_scope(f"replica_{replica.index}_backward"):
@@ -418,14 +440,16 @@ class _Replica:
             if has:
                 _compat.set_keras_logits(leaf, next(extra))
         self.outputs = tree.pack_sequence_as(self.structure, leaves)
+        self.losses = list(extra)
 
     def recomputed_gradients(self, structure, inputs, weights, state_in, upstream):
         sources = inputs + weights
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch([t for t in sources if _floating(t)])
-            outputs, _ = self.forward(tree.pack_sequence_as(structure, inputs), weights, state_in)
+            outputs, _, losses = self.forward(
+                tree.pack_sequence_as(structure, inputs), weights, state_in)
         leaves, logits = _outputs_with_logits(outputs)
-        produced = leaves + [t for t in logits if t is not None]
+        produced = leaves + [t for t in logits if t is not None] + list(losses)
         pairs = [(t, g) for t, g in zip(produced, upstream) if g is not None]
         return tape.gradient(
             [t for t, _ in pairs], sources, output_gradients=[g for _, g in pairs]
@@ -501,6 +525,10 @@ class _AcrossWorkers:
             return [tf.identity(t) for t in tensors], backward
 
         return list(read(*values))
+
+    def summed(self, tensor):
+        """`tensor` summed over the workers; each worker's part gets the whole gradient."""
+        return self._summed([tensor])[0]
 
     def _summed(self, tensors):
         present = [t for t in tensors if t is not None]

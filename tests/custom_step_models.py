@@ -40,6 +40,29 @@ class BasicTrainStep(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
+class Penalised(layers.Layer):
+    """The identity, adding the mean square of its input as a loss (`add_loss`)."""
+
+    def call(self, x):
+        self.add_loss(0.1 * ops.mean(ops.square(x)))
+        return x
+
+
+class AddedLosses(BasicTrainStep):
+    """The basic step on a model whose layers add losses: an activity regularizer (which
+    Keras divides by the call's batch size) and an `add_loss` of a mean."""
+
+    def __init__(self, **kwargs):
+        keras.Model.__init__(self, **kwargs)  # its own layers, not BasicTrainStep's
+        self.hidden = layers.Dense(
+            8, activation="tanh", activity_regularizer=keras.regularizers.L1(0.05))
+        self.penalised = Penalised()
+        self.out = layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.penalised(self.hidden(x)))
+
+
 class OwnTrackers(BasicTrainStep):
     """keras.io's second example: no compiled loss; its own loss tracker and MAE metric."""
 

@@ -90,6 +90,17 @@ def test_customizing_fit_models_train_as_on_one_device(cls, compile_model, n):
     assert "mae" in got
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_losses_layers_add_in_a_sliced_call_count_as_on_one_device(n):
+    # An activity regularizer and an add_loss inside the model: compute_loss reads
+    # model.losses after the call, as on one device (the reported loss includes them).
+    reference, template, _, (expected, got) = _fit_pair(
+        _built(models.AddedLosses), _compile_regression, (X, Y), n)
+    assert len(reference.losses) == 2
+    assert _weights_difference(reference, template) <= TOLERANCE
+    assert _history_difference(expected, got) <= TOLERANCE
+
+
 def test_run_eagerly_trains_as_on_one_device():
     def compile_model(model):
         model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"],

@@ -16,9 +16,10 @@ feeds the same global batches: every worker's local batch b, in worker order. Wi
 --x-loss the model's own compute_loss reads the inputs x (which sharded input gathers).
 With --save, `parallel.save(PATH)` after training (every worker calls it, the chief
 writes). With --batchnorm, an MLP with a synchronized BatchNormalization on 131 samples instead.
-With --gans, two models with their own train_step instead (the keras.io DCGAN on the
-digits as 8x8 images, and WGAN-GP, whose gradient penalty is a gradient of a gradient),
-written as result_<worker>.npz (dcgan_i, wgan_i) and .json (their histories).
+With --gans, three models with their own train_step instead (the keras.io DCGAN on the
+digits as 8x8 images, WGAN-GP, whose gradient penalty is a gradient of a gradient, and
+the basic step on a model whose layers add losses), written as result_<worker>.npz
+(dcgan_i, wgan_i, losses_i) and .json (their histories).
 """
 
 import argparse
@@ -130,9 +131,18 @@ def train_gans(out_dir):
     (x, _), _ = zoo.datasets.load("digits", flatten=True)
     images = (x[:96] / max(1.0, float(x.max()))).reshape(-1, 8, 8, 1).astype("float32")
     features = np.random.default_rng(0).normal(size=(96, 6)).astype("float32")
+    targets = features[:, :1] * 0.5 + 0.1
 
     def compile_wgan(model):
         model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+
+    def added_losses():
+        model = models.AddedLosses()
+        model(features[:2])
+        return model
+
+    def compile_regression(model):
+        model.compile(keras.optimizers.SGD(0.05), loss="mse")
 
     cluster = kerasmgpu.cluster.current()
     batch = 32
@@ -144,17 +154,19 @@ def train_gans(out_dir):
             return np.concatenate([array[start + index * batch: start + (index + 1) * batch]
                                    for start in range(0, len(array), 2 * batch)])
 
-        images, features = shard(images), shard(features)
+        images, features, targets = shard(images), shard(features), shard(targets)
     weights, histories = {}, {}
     for name, make, compile_model, data in (
         ("dcgan", lambda: models.dcgan(blocks=1), models.compile_gan, images),
         ("wgan", models.wgan_gp, compile_wgan, features),
+        ("losses", added_losses, compile_regression, (features, targets)),
     ):
         keras.utils.set_random_seed(11)
         model = make()
         parallel = kerasmgpu.multi_gpu_model(model, gpus=len(kerasmgpu.visible_devices()))
         compile_model(parallel)
-        history = parallel.fit(data, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+        data = data if isinstance(data, tuple) else (data,)
+        history = parallel.fit(*data, batch_size=batch, epochs=1, shuffle=False, verbose=0)
         histories[name] = history.history
         weights.update({f"{name}_{i}": w for i, w in enumerate(model.get_weights())})
     name = "single" if cluster is None else str(cluster.worker_index)
