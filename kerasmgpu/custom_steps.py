@@ -117,6 +117,9 @@ class SlicedCalls:
         workers: the cluster (`kerasmgpu.cluster.worker.Cluster`) when the step runs on
             several workers: each call is then split over every worker's devices
             (`_AcrossWorkers`); None or one worker: this machine's devices.
+        synchronizer: the wrapper's `batchnorm.Synchronizer`: a training call of a model
+            holding synchronized BatchNormalization layers normalises with the statistics
+            of the call's whole batch, its replicas traced one by one (no shared program).
 
     Example (inside `ParallelModel.train_step`):
 
@@ -126,8 +129,10 @@ class SlicedCalls:
     ```
     """
 
-    def __init__(self, template, devices, merge_device, comm, seed_offset=0, workers=None):
+    def __init__(self, template, devices, merge_device, comm, seed_offset=0, workers=None,
+                 synchronizer=None):
         self.template = template
+        self.synchronizer = synchronizer
         self.across = (
             _AcrossWorkers(workers) if workers is not None and workers.num_workers > 1
             else None
@@ -199,6 +204,7 @@ class SlicedCalls:
         """
         patched, wrapped_optimizers = [], []
         self._use_copies = copies
+        self._training_step = copies
         try:
             for model in _callable_models(self.template):
                 if "call" in vars(model):
@@ -250,12 +256,18 @@ class SlicedCalls:
         if across is not None:
             values = across.summing_gradients(values)
         copies = self._copies()
-        program = self.program(model, args, kwargs)
+        group = self._batchnorm_group(model, count)
+        # Synchronized statistics meet in collectives keyed and placed per replica: those
+        # replicas are traced one by one, not as one shared program.
+        program = None if group is not None else self.program(model, args, kwargs)
         replicas = []
         for i, part in enumerate(parts):
-            with tf.device(self.devices[i]), tf.name_scope(f"replica_{i}"):
+            synchronized = contextlib.nullcontext() if group is None else group.replica(i)
+            with tf.device(self.devices[i]), tf.name_scope(f"replica_{i}"), synchronized:
                 state_in = [tf.convert_to_tensor(v.value) for v in state]
-                if training:
+                if training or self._training_step:
+                    # Own seeds per replica (a layer may train whatever the call says:
+                    # `Dropout(...)(x, training=True)` in a functional model).
                     state_in = trainer.offset_seeds(state, state_in, self.seed_offset + i)
                 local = None
                 if copies is not None and i > 0:
@@ -263,13 +275,17 @@ class SlicedCalls:
                         tf.convert_to_tensor(copies[i].get(id(v), v).value) for v in trainable
                     ]
                 replica = _Replica(self, model, i, args, kwargs, trainable, state, program)
+                replica.synchronized = group is not None
                 replica.run(part, values, local, state_in)
             replicas.append(replica)
         with tf.device(self.merge_device), tf.name_scope("merge_call"):
             outputs = slicing.merge_structures([r.outputs for r in replicas])
             if across is not None:
                 outputs = across.gather(outputs, size)
-        if training and state:
+        if state:
+            # What the replicas wrote, whatever the call's `training` (a layer built with
+            # `training=True` updates its moving statistics in any call); nothing when
+            # they wrote nothing.
             self._update_state(state, replicas, size)
         self._add_losses(model, replicas, size)
         return outputs
@@ -290,6 +306,21 @@ class SlicedCalls:
             if self.across is not None:
                 total = self.across.summed(total)
         model.add_loss(total)
+
+    def _batchnorm_group(self, model, count):
+        """The synchronized-BatchNormalization group of this call's replicas, or None
+        (the model has no synchronized layer, or the step is not a training step).
+
+        In a training step, whatever the call's own `training` argument: a layer may run
+        in training mode regardless (a functional model built with
+        `BatchNormalization(...)(x, training=True)`), and one in inference mode computes
+        no batch statistics, so the group costs it nothing but a traced-per-replica call.
+        """
+        layers = set(map(id, self.synchronizer.layers)) if self.synchronizer else set()
+        if not any(id(layer) in layers for layer in _compat.flatten_layers(model)):
+            return None
+        group = self.synchronizer.step(self.devices[:count], self._training_step)
+        return group if group.synchronizes else None
 
     def _update_state(self, state, replicas, size):
         shares = trainer.batch_shares([r.size for r in replicas], size)
@@ -412,6 +443,18 @@ class _Replica:
                     if not pairs:
                         return [None] * len(tensors)
                     if _compat.recorded_by_outer_tape(list(tensors) + list(upstream)):
+                        if replica.synchronized:
+                            raise ValueError(
+                                "A gradient of a gradient (e.g. a gradient penalty) through "
+                                f"the model {replica.model.name!r}, whose synchronized "
+                                "BatchNormalization statistics are summed across replicas, "
+                                "is not supported in a custom step: its forward pass would "
+                                "have to be recomputed with the replicas meeting again. "
+                                "Use BatchNormalization(synchronized=False) in that model "
+                                "(each replica normalises its slice) or no gradient "
+                                "penalty. Received: a second-order gradient through "
+                                f"{replica.model.name!r}"
+                            )
                         # Something differentiates this gradient (a gradient penalty):
                         # recompute the forward pass under the recording tapes, reading
                         # the template's weights, so the second derivative is exact.
@@ -563,7 +606,7 @@ def _callable_models(template):
     ]
 
 
-def check_options(template, strategy, synchronizer):
+def check_options(template, strategy):
     """Refuse, at wrap time, the options a template's own step cannot run with exactly."""
     steps = ", ".join(overridden_steps(template))
     if strategy.sync_period != 1:
@@ -582,13 +625,4 @@ def check_options(template, strategy, synchronizer):
             "the gradients sent in 16 bits. Use optimizer_state='full' and "
             "gradient_dtype='float32'. Received: optimizer_state="
             f"{'sharded' if sharded else 'full'!r}, gradient_dtype={gradient_dtype!r}"
-        )
-    if synchronizer.layers:
-        names = ", ".join(repr(layer.name) for layer in synchronizer.layers[:3])
-        raise ValueError(
-            f"The model {template.name!r} overrides {steps} and has synchronized "
-            f"BatchNormalization layers ({names}); synchronized statistics are not "
-            "supported inside a custom step yet. Use sync_batchnorm=False and layers built "
-            "with synchronized=False (each replica then normalises its slice), or train "
-            "unwrapped. Received: sync_batchnorm or BatchNormalization(synchronized=True)"
         )

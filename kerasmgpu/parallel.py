@@ -140,11 +140,11 @@ class ParallelModel(trainer.TemplateTrainer):
         self._custom_steps = custom_steps.overridden_steps(template)
         self._sliced_calls = None
         if self._custom_steps:
-            custom_steps.check_options(template, self._comm, self._batchnorm)
+            custom_steps.check_options(template, self._comm)
             self._sliced_calls = custom_steps.SlicedCalls(
                 template, self._replica_devices, self.merge_device, self._comm,
                 seed_offset=self._workers.worker_index * len(self._replica_devices),
-                workers=self._workers,
+                workers=self._workers, synchronizer=self._batchnorm,
             )
             if template.compiled:
                 self._compile_like_template()

@@ -166,6 +166,34 @@ class WGANGP(keras.Model):
         return {"d_loss": d_loss, "g_loss": g_loss}
 
 
+def gan_with_batchnorm(synchronized, features=6, latent_dim=4, seed=5):
+    """keras.io's GAN loop on two small models with BatchNormalization in training mode.
+
+    keras.io's GAN calls its models without `training`: the layers are built with
+    `training=True`, so that they compute batch statistics (and update their moving
+    ones) in every call, as a DCGAN's generator does.
+    """
+    def block(inputs_dim, outputs, name):
+        inputs = keras.Input((inputs_dim,))
+        hidden = layers.Dense(8, use_bias=False)(inputs)  # BatchNorm's beta is the bias
+        hidden = layers.BatchNormalization(
+            momentum=0.5, synchronized=synchronized)(hidden, training=True)
+        hidden = layers.LeakyReLU(0.2)(hidden)
+        return keras.Model(inputs, layers.Dense(outputs)(hidden), name=name)
+
+    keras.utils.set_random_seed(seed)
+    return GAN(block(features, 1, "discriminator"), block(latent_dim, features, "generator"),
+               latent_dim=latent_dim)
+
+
+def compile_gan_sgd(gan):
+    """compile_gan with SGD: Adam would turn the float noise of gradients BatchNorm makes
+    ~0 (the generator's output bias, removed by the discriminator's mean) into steps."""
+    gan.compile(d_optimizer=keras.optimizers.SGD(0.05),
+                g_optimizer=keras.optimizers.SGD(0.05),
+                loss_fn=keras.losses.BinaryCrossentropy(from_logits=True))
+
+
 def wgan_gp(features=6, latent_dim=4, seed=2):
     keras.utils.set_random_seed(seed)
     discriminator = keras.Sequential([

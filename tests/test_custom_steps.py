@@ -262,6 +262,35 @@ def test_no_template_variable_gets_a_second_copy():
     assert len(concrete.graph.variables) == expected + len(gan.trainable_variables)
 
 
+# --------------------------------------------------- synchronized BatchNorm
+@pytest.mark.parametrize("n", [2, 3])
+def test_synchronized_batchnorm_in_a_custom_step_trains_as_on_one_device(n):
+    # Both models normalise with the statistics of each call's whole batch (the
+    # discriminator's call on real and generated rows, 26 of them), moving statistics
+    # included: weights and losses equal one device.
+    reference, template, _, (expected, got) = _fit_pair(
+        lambda: models.gan_with_batchnorm(True), models.compile_gan_sgd, (X,), n)
+    assert _weights_difference(reference, template) <= TOLERANCE
+    assert _history_difference(expected, got) <= TOLERANCE
+    # Unsynchronized, each replica normalises its slice: not one device's training.
+    reference, template, _, _ = _fit_pair(
+        lambda: models.gan_with_batchnorm(False), models.compile_gan_sgd, (X,), n)
+    assert _weights_difference(reference, template) > 1e-3
+
+
+def test_a_gradient_penalty_through_synchronized_batchnorm_is_a_clear_error():
+    gan = models.wgan_gp()
+    critic = keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(8),
+        keras.layers.BatchNormalization(synchronized=True), keras.layers.Dense(1),
+    ], name="critic")
+    gan = models.WGANGP(critic, gan.generator, latent_dim=4)
+    parallel = kerasmgpu.multi_gpu_model(gan, gpus=2)
+    parallel.compile(keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3))
+    with pytest.raises(ValueError, match="gradient of a gradient.*'critic'"):
+        parallel.fit(X, batch_size=BATCH, epochs=1, verbose=0)
+
+
 # ------------------------------------------------------------------------ XLA
 def _compile_basic_xla(model):
     model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"], jit_compile=True)
@@ -403,9 +432,3 @@ def test_options_a_custom_step_cannot_run_are_refused_at_wrap_time():
     with pytest.raises(ValueError, match="sync_period=1.*Received: sync_period=2"):
         kerasmgpu.multi_gpu_model(small_dcgan(), gpus=2, variables="replicated",
                                   sync_period=2)
-    generator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
-                                  keras.layers.BatchNormalization(name="bn")])
-    discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    gan = models.GAN(discriminator, generator, latent_dim=3)
-    with pytest.raises(ValueError, match="synchronized BatchNormalization layers \\('bn'\\)"):
-        kerasmgpu.multi_gpu_model(gan, gpus=2, sync_batchnorm=True)

@@ -16,10 +16,11 @@ feeds the same global batches: every worker's local batch b, in worker order. Wi
 --x-loss the model's own compute_loss reads the inputs x (which sharded input gathers).
 With --save, `parallel.save(PATH)` after training (every worker calls it, the chief
 writes). With --batchnorm, an MLP with a synchronized BatchNormalization on 131 samples instead.
-With --gans, three models with their own train_step instead (the keras.io DCGAN on the
-digits as 8x8 images, WGAN-GP, whose gradient penalty is a gradient of a gradient, and
-the basic step on a model whose layers add losses), written as result_<worker>.npz
-(dcgan_i, wgan_i, losses_i) and .json (their histories).
+With --gans, four models with their own train_step instead (the keras.io DCGAN on the
+digits as 8x8 images, WGAN-GP, whose gradient penalty is a gradient of a gradient, the
+basic step on a model whose layers add losses, and a GAN with synchronized
+BatchNormalization), written as result_<worker>.npz (dcgan_i, wgan_i, losses_i,
+batchnorm_i) and .json (their histories).
 """
 
 import argparse
@@ -160,6 +161,8 @@ def train_gans(out_dir):
         ("dcgan", lambda: models.dcgan(blocks=1), models.compile_gan, images),
         ("wgan", models.wgan_gp, compile_wgan, features),
         ("losses", added_losses, compile_regression, (features, targets)),
+        ("batchnorm", lambda: models.gan_with_batchnorm(True), models.compile_gan_sgd,
+         features),
     ):
         keras.utils.set_random_seed(11)
         model = make()

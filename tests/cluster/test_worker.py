@@ -105,8 +105,9 @@ def test_synchronized_batchnorm_on_two_workers_equals_one_machine(tmp_path):
 def test_models_with_their_own_train_step_on_two_workers_equal_one_machine(tmp_path,
                                                                            input_mode):
     # The DCGAN (noise drawn in the step, two optimizers) and WGAN-GP (a gradient penalty:
-    # a gradient of a gradient through the sliced calls) and a model whose layers add
-    # losses (summed over the workers), each call split over the 4
+    # a gradient of a gradient through the sliced calls), a model whose layers add
+    # losses (summed over the workers) and a GAN with synchronized BatchNormalization
+    # (statistics over every worker's replicas), each call split over the 4
     # replicas of both workers. Sharded: each worker feeds half of every global batch,
     # gathered before the step runs.
     codes, outputs = _finish(_start_workers(tmp_path, 2, 2, "--gans",
@@ -116,14 +117,15 @@ def test_models_with_their_own_train_step_on_two_workers_equal_one_machine(tmp_p
                             env=_environment(4), capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-3000:]
     results = [np.load(tmp_path / f"result_{n}.npz") for n in ("0", "1", "single")]
-    assert {key.split("_")[0] for key in results[2].files} == {"dcgan", "wgan", "losses"}
+    models = {"dcgan", "wgan", "losses", "batchnorm"}
+    assert {key.split("_")[0] for key in results[2].files} == models
     for key in results[2].files:
         np.testing.assert_array_equal(results[0][key], results[1][key])
         np.testing.assert_allclose(results[0][key], results[2][key], atol=1e-5)
     logs = [json.loads((tmp_path / f"result_{n}.json").read_text())["history"]
             for n in ("0", "1", "single")]
     assert logs[0] == logs[1]
-    for model in ("dcgan", "wgan", "losses"):
+    for model in models:
         for key, values in logs[2][model].items():
             np.testing.assert_allclose(logs[0][model][key], values, atol=1e-5)
 
