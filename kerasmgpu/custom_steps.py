@@ -146,6 +146,7 @@ class SlicedCalls:
         # replica of such a call runs.
         self._programs = {}
         self.jit_compile = False
+        self._training_step = False  # set by `active`
 
     def compile_programs(self, jit_compile):
         """Compile (or not) every sliced call's replica program with XLA for its device,
