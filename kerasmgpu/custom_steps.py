@@ -477,7 +477,21 @@ class _Replica:
             return produced, backward
 
         tensors = flat_inputs + list(values) + list(local_values or []) + list(state_in)
-        produced = tower(*tensors)
+        try:
+            produced = tower(*tensors)
+        except TypeError as error:
+            if "keyword argument 'variables'" not in str(error):
+                raise
+            # The call read a variable that the called model does not track (passed in,
+            # it would be differentiated; read directly inside the replica, it cannot be).
+            raise ValueError(
+                f"The model {self.model.name!r}, called inside a custom step, reads "
+                "variables it does not track (e.g. another model's weight reached through "
+                "a closure), which kerasmgpu cannot differentiate per replica. Hold the "
+                "shared layer or weight as an attribute of a layer of this model, so that "
+                "it is among its variables, or call the models separately. TensorFlow "
+                f"said: {str(error).splitlines()[0][:300]}"
+            ) from None
         leaves_count = len(tree.flatten(self.structure))
         leaves, extra = list(produced[:leaves_count]), iter(produced[leaves_count:])
         for leaf, has in zip(leaves, self.has_logits):

@@ -420,6 +420,35 @@ def test_split_model_refuses_a_template_overriding_a_step_naming_it():
         split_model(model, devices=2)
 
 
+class _ClosureTiedAutoencoder(keras.Model):
+    """A decoder reading the encoder's kernel through a closure: not among its variables."""
+
+    def __init__(self):
+        super().__init__()
+        dense = keras.layers.Dense(3)
+        self.encoder = keras.Sequential([keras.Input((6,)), dense], name="encoder")
+        transpose = keras.layers.Lambda(
+            lambda z: tf.matmul(z, dense.kernel, transpose_b=True))
+        self.decoder = keras.Sequential([keras.Input((3,)), transpose], name="decoder")
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self.decoder(self.encoder(data)) - data))
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return {"reconstruction": loss}
+
+
+def test_a_call_reading_variables_its_model_does_not_track_is_a_clear_error():
+    model = _ClosureTiedAutoencoder()
+    model.decoder(model.encoder(X[:2]))
+    parallel = kerasmgpu.multi_gpu_model(model, gpus=2)
+    parallel.compile(keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="'decoder', called inside a custom step, reads "
+                                         "variables it does not track"):
+        parallel.fit(X, batch_size=BATCH, epochs=1, verbose=0)
+
+
 def test_unbuilt_sub_model_is_named_at_wrap_time():
     generator = keras.Sequential([keras.layers.Dense(4)], name="unbuilt_generator")
     discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
