@@ -36,6 +36,11 @@ weights, and every copy a step's `optimizer.apply` changed is refreshed from the
 right after that apply, so the copies stay identical to the template after each apply.
 The gradients are still taken with respect to the template's weights (the user's tape
 asks for those) and summed by TensorFlow's gradient aggregation.
+
+One module (about 640 lines): the sliced call, its replicas' custom gradient, the
+cross-worker crossings (`_AcrossWorkers`) and the synchronized-BatchNorm and added-loss
+handling are one mechanism, each reading the others' state inside one call; split, every
+piece would import the call's internals back.
 """
 
 import contextlib
